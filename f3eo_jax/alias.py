@@ -127,8 +127,9 @@ def scale_by_amsgrad_torch(
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
     count = optax.safe_int32_increment(state.count)
-    bc1 = 1 - b1 ** count.astype(jnp.float32)
-    bc2 = 1 - b2 ** count.astype(jnp.float32)
+    # Default float dtype, as optax.tree.bias_correction: float32 would cap float64 runs at ~1e-6.
+    bc1 = 1 - b1**count
+    bc2 = 1 - b2**count
     new_updates = jax.tree.map(
         lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + eps),
         mu,
@@ -146,6 +147,8 @@ def f3eo_reference(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
+    *,
+    axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The published PyTorch F3EO rule, step for step.
 
@@ -161,6 +164,8 @@ def f3eo_reference(
     eps: added to the denominator.
     weight_decay: decoupled weight decay.
     amsgrad: use the maximum of past second moments, as PyTorch does.
+    axis_name: mapped axis over which to average ``H·g`` (``shard_map``/``pmap``
+      with local gradients); see :func:`f3eo_jax.add_meta_gradient`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``obj_fn=`` or
@@ -174,7 +179,7 @@ def f3eo_reference(
       scale_by_amsgrad_torch(b1, b2, eps) if amsgrad else optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   )
   return optax.chain(
-      add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0),
+      add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0, axis_name=axis_name),
       scale_by_moments,
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -41,7 +42,7 @@ class MetaGradientState(NamedTuple):
   """State of :func:`add_meta_gradient`."""
 
   count: jax.Array  # int32 scalar: number of updates taken so far.
-  hvp: PyTree  # last H·g, like the params, kept only when hvp_every > 1; else None.
+  hvp: PyTree  # last H·g, like the params, kept when hvp_every > 1 (or an array); else None.
   diagnostics: MetaGradientDiagnostics  # scalars of the last step.
 
 
@@ -51,6 +52,14 @@ class GradientMismatchError(ValueError):
 
 def _is_python_number(x: Any) -> bool:
   return isinstance(x, (int, float, np.number)) and not isinstance(x, bool)
+
+
+def _is_integer_scalar_array(x: Any) -> bool:
+  return (
+      isinstance(x, (jax.Array, np.ndarray))
+      and np.ndim(x) == 0
+      and jnp.issubdtype(x.dtype, jnp.integer)
+  )
 
 
 def _acc_dtype(dtype: Any) -> Any:
@@ -63,7 +72,8 @@ def _upcast(x: jax.Array) -> jax.Array:
 
 
 def _vdot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.vdot(_upcast(a), _upcast(b))
+  # A reduction, not jnp.vdot: under explicit sharding a dot over a sharded axis is a type error.
+  return jnp.sum(jnp.conj(_upcast(a)) * _upcast(b))
 
 
 def _tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -166,6 +176,8 @@ def add_meta_gradient(
       projection.
     hvp_every: compute ``H·g`` on steps ``0, k, 2k, …`` only, under ``jax.lax.cond``,
       and reuse the last product (projected against the current ``g``) in between.
+      An integer array (``optax.inject_hyperparams`` makes one) also works; the state
+      then always keeps room for the stored product.
     mask: a pytree of bools like the params (or a prefix of it), or a function of
       the params returning one. Leaves where it is ``False`` get plain ``g`` and a zero
       tangent in the Hessian-vector product.
@@ -198,12 +210,12 @@ def add_meta_gradient(
   """
   if projection not in _PROJECTIONS:
     raise ValueError(f"projection must be one of {_PROJECTIONS}, got {projection!r}.")
-  if isinstance(hvp_every, bool) or not isinstance(hvp_every, (int, np.integer)):
-    raise ValueError(
-        f'hvp_every must be a Python int >= 1, got {hvp_every!r}. (With'
-        " optax.inject_hyperparams, list it in static_args=('hvp_every',).)"
-    )
-  if hvp_every < 1:
+  # optax.inject_hyperparams turns every int argument, the default hvp_every=1 included,
+  # into an int array that is traced in update: accept integer scalars, not just ints.
+  static_every = isinstance(hvp_every, (int, np.integer)) and not isinstance(hvp_every, bool)
+  if not (static_every or _is_integer_scalar_array(hvp_every)):
+    raise ValueError(f'hvp_every must be an int >= 1, got {hvp_every!r}.')
+  if not isinstance(hvp_every, jax.core.Tracer) and int(hvp_every) < 1:
     raise ValueError(f'hvp_every must be >= 1, got {hvp_every}.')
   if meta_clip_norm is not None and _is_python_number(meta_clip_norm) and not meta_clip_norm > 0:
     raise ValueError(f'meta_clip_norm must be positive or None, got {meta_clip_norm}.')
@@ -217,7 +229,8 @@ def add_meta_gradient(
     leaves = jax.tree.leaves(mask)
     if not all(isinstance(m, (bool, np.bool_)) or jnp.result_type(m) == jnp.bool_ for m in leaves):
       raise ValueError(f'mask leaves must be bools, got {mask!r}.')
-  keep_buffer = hvp_every > 1
+  # An array hvp_every may be traced, so its state always has room for a stored H·g.
+  keep_buffer = not static_every or hvp_every > 1
 
   def init_fn(params: PyTree) -> MetaGradientState:
     _resolve_mask(mask, params, params)  # fail early on a mask that does not fit
@@ -258,7 +271,10 @@ def add_meta_gradient(
           mismatch = _safe_div(
               jnp.sqrt(_tree_vdot(diff, diff)), jnp.sqrt(_tree_vdot(grads, grads))
           ).astype(jnp.float32)
-          jax.debug.callback(_raise_on_mismatch, mismatch, check_consistency)
+          # rtol bound by partial stays a Python float, so the message shows it as given.
+          jax.debug.callback(
+              functools.partial(_raise_on_mismatch, rtol=check_consistency), mismatch
+          )
       else:
         hg = hvp_fn(g)
         _check_like('hvp_fn', hg, grads)

@@ -1,0 +1,655 @@
+"""Step-for-step parity of f3eo_jax with independent PyTorch implementations.
+
+The torch side is written from SPEC.md alone (nothing from ``f3eo_jax`` is imported
+for it): ``H·g`` by double backward (``create_graph=True``), the orthogonal
+decoupling of SPEC §2, and the Adam step of SPEC §4 written by hand. Both
+frameworks run in float64 on the same models, from the same initial weights (drawn
+in numpy and converted between layouts), on the same fixed sequence of minibatches
+(a different batch at every step).
+
+Rules compared:
+
+- ``reference``: the published PyTorch rule (SPEC §3 right column, §4):
+  ``meta = ∇‖g‖² = 2·H·g``, its global norm clipped to 1 (``m ← m·min(1, 1/(‖m‖ +
+  1e-6))``), projected per tensor against that tensor's gradient, ``e = g − m⊥``;
+  against ``f3eo_jax.f3eo_reference`` (also with ``amsgrad=True``).
+- ``theory``: SPEC §1–§2 with the ``f3eo_jax.f3eo`` defaults: ``e = g + (H·g)⊥``
+  (``H·g = ∇½‖g‖²``) with the projection over all parameters as one vector and no
+  clipping; against ``f3eo_jax.f3eo``.
+
+Models: an MLP (tanh and ReLU), a small CNN (conv, max-pool, conv, dense; torch
+NCHW/OIHW against JAX NHWC/HWIO) and an MLP with bias-free layers and a frozen
+parameter group.
+
+What "frozen" means here (both sides): the frozen group is frozen *out of the
+meta-gradient*, not out of training. It is the JAX ``mask=False`` group: it gets
+plain ``g`` as its effective gradient (still through Adam and weight decay), it
+is excluded from the Hessian-vector product's tangent, and it takes no part in
+the clip norm or the projection. On the torch side the meta objective is
+``‖g_M‖²`` (``½‖g_M‖²`` for the theory rule) over the masked-in group ``M`` only,
+differentiated with respect to ``M`` only; this gives ``H_MM·g_M``, which is what
+a zero tangent outside ``M`` followed by restricting the product to ``M`` gives in
+JAX.
+
+Tolerance, stated once: for every parameter tensor ``p``,
+``max|p_jax − p_torch| / max|p_torch| ≤ 1e-8`` (the per-tensor max-norm relative
+error; see :func:`_max_relative_error`). Measured values are far below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch', reason='the parity tests need torch==2.13.0 (the test extra)')
+import torch.nn.functional as F  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import f3eo_jax  # noqa: E402
+
+NUM_STEPS = 50
+BATCH_SIZE = 16
+LEARNING_RATE = 1e-2
+WEIGHT_DECAY = 1e-2
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+CLIP_NORM = 1.0
+CLIP_EPS = 1e-6
+TRAJECTORY_RTOL = 1e-8  # per tensor, max|Δ| / max|p_torch|, after NUM_STEPS steps
+EFFECTIVE_GRAD_RTOL = 1e-11  # per tensor, max|Δe| / max|e_torch|, on the first step
+NONTRIVIAL_RTOL = 1e-4  # F3EO must move the parameters this far from plain AdamW
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _float64_everywhere():
+  """float64 in JAX (restored afterwards) and one torch thread (tiny models)."""
+  previous_x64 = jax.config.jax_enable_x64
+  previous_threads = torch.get_num_threads()
+  jax.config.update('jax_enable_x64', True)
+  torch.set_num_threads(1)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_x64', previous_x64)
+    torch.set_num_threads(previous_threads)
+
+
+# --------------------------------------------------------------------------------------
+# Models. Canonical weights are numpy float64 in torch layout; `to_jax` converts a
+# whole parameter dict to the JAX layout and `to_torch_layout` converts back.
+# --------------------------------------------------------------------------------------
+
+
+def _dense_to_jax(w):  # torch Linear (out, in) -> JAX kernel (in, out)
+  return w.T
+
+
+def _dense_to_torch(k):
+  return k.T
+
+
+def _conv_to_jax(w):  # OIHW -> HWIO
+  return w.transpose(2, 3, 1, 0)
+
+
+def _conv_to_torch(k):  # HWIO -> OIHW
+  return k.transpose(3, 2, 0, 1)
+
+
+def _flat_dense_to_jax(chw):
+  """A Linear after a flatten: torch flattens (C, H, W), JAX here (H, W, C)."""
+  c, h, w = chw
+
+  def to_jax(weight):  # (out, C*H*W) -> (H*W*C, out)
+    out = weight.shape[0]
+    return weight.reshape(out, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, out)
+
+  def to_torch(kernel):  # (H*W*C, out) -> (out, C*H*W)
+    out = kernel.shape[1]
+    return kernel.reshape(h, w, c, out).transpose(3, 2, 0, 1).reshape(out, c * h * w)
+
+  return to_jax, to_torch
+
+
+def _identity(x):
+  return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """One model in both frameworks, with weights and data in numpy float64."""
+
+  name: str
+  init: Callable[[np.random.Generator], dict[str, np.ndarray]]  # torch layout
+  converters: dict[str, tuple[Callable, Callable]]  # name -> (to_jax, to_torch)
+  jax_logits: Callable  # (jax params, jax inputs) -> logits
+  torch_logits: Callable  # (torch params, torch inputs) -> logits
+  input_shape: tuple[int, ...]  # one torch-layout example
+  inputs_to_jax: Callable[[np.ndarray], np.ndarray]
+  num_classes: int
+  meta_mask: dict[str, bool] | None = None  # None: every parameter gets the meta term
+
+  def to_jax(self, params):
+    return {k: jnp.asarray(self.converters[k][0](v)) for k, v in params.items()}
+
+  def to_torch_layout(self, jax_params):
+    return {k: self.converters[k][1](np.asarray(v)) for k, v in jax_params.items()}
+
+  def meta_names(self):
+    names = list(self.converters)
+    return names if self.meta_mask is None else [n for n in names if self.meta_mask[n]]
+
+
+def _normal(rng, shape, scale):
+  return rng.normal(0.0, scale, size=shape)
+
+
+def _dense_init(rng, fan_in, fan_out, gain=0.75):
+  return _normal(rng, (fan_out, fan_in), gain / math.sqrt(fan_in))
+
+
+# (a) MLP: dense -> tanh -> dense -> relu -> dense.
+def _mlp_init(rng):
+  return {
+      'w1': _dense_init(rng, 8, 16), 'b1': _normal(rng, (16,), 0.1),
+      'w2': _dense_init(rng, 16, 12), 'b2': _normal(rng, (12,), 0.1),
+      'w3': _dense_init(rng, 12, 4), 'b3': _normal(rng, (4,), 0.1),
+  }
+
+
+def _mlp_jax(p, x):
+  h = jnp.tanh(x @ p['w1'] + p['b1'])
+  h = jax.nn.relu(h @ p['w2'] + p['b2'])
+  return h @ p['w3'] + p['b3']
+
+
+def _mlp_torch(p, x):
+  h = torch.tanh(F.linear(x, p['w1'], p['b1']))
+  h = torch.relu(F.linear(h, p['w2'], p['b2']))
+  return F.linear(h, p['w3'], p['b3'])
+
+
+_DENSE = (_dense_to_jax, _dense_to_torch)
+_VECTOR = (_identity, _identity)
+_CONV = (_conv_to_jax, _conv_to_torch)
+
+MLP = Model(
+    name='mlp',
+    init=_mlp_init,
+    converters={'w1': _DENSE, 'b1': _VECTOR, 'w2': _DENSE, 'b2': _VECTOR, 'w3': _DENSE, 'b3': _VECTOR},
+    jax_logits=_mlp_jax,
+    torch_logits=_mlp_torch,
+    input_shape=(8,),
+    inputs_to_jax=_identity,
+    num_classes=4,
+)
+
+
+# (b) CNN on 1x8x8 images: conv3x3(pad 1) -> tanh -> maxpool2 -> conv3x3(valid) -> tanh
+#     -> flatten (6x2x2) -> dense.
+def _cnn_init(rng):
+  return {
+      'conv1_w': _normal(rng, (4, 1, 3, 3), 0.75 / 3.0), 'conv1_b': _normal(rng, (4,), 0.1),
+      'conv2_w': _normal(rng, (6, 4, 3, 3), 0.75 / 6.0), 'conv2_b': _normal(rng, (6,), 0.1),
+      'dense_w': _dense_init(rng, 24, 3), 'dense_b': _normal(rng, (3,), 0.1),
+  }
+
+
+def _cnn_jax(p, x):  # x: NHWC
+  dims = ('NHWC', 'HWIO', 'NHWC')
+  h = jax.lax.conv_general_dilated(x, p['conv1_w'], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims)
+  h = jnp.tanh(h + p['conv1_b'])
+  h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
+  h = jax.lax.conv_general_dilated(h, p['conv2_w'], (1, 1), 'VALID', dimension_numbers=dims)
+  h = jnp.tanh(h + p['conv2_b'])
+  return h.reshape(h.shape[0], -1) @ p['dense_w'] + p['dense_b']
+
+
+def _cnn_torch(p, x):  # x: NCHW
+  h = torch.tanh(F.conv2d(x, p['conv1_w'], p['conv1_b'], padding=1))
+  h = F.max_pool2d(h, 2)
+  h = torch.tanh(F.conv2d(h, p['conv2_w'], p['conv2_b']))
+  return F.linear(h.flatten(1), p['dense_w'], p['dense_b'])
+
+
+CNN = Model(
+    name='cnn',
+    init=_cnn_init,
+    converters={
+        'conv1_w': _CONV, 'conv1_b': _VECTOR, 'conv2_w': _CONV, 'conv2_b': _VECTOR,
+        'dense_w': _flat_dense_to_jax((6, 2, 2)), 'dense_b': _VECTOR,
+    },
+    jax_logits=_cnn_jax,
+    torch_logits=_cnn_torch,
+    input_shape=(1, 8, 8),
+    inputs_to_jax=lambda x: x.transpose(0, 2, 3, 1),
+    num_classes=3,
+)
+
+
+# (c) Bias-free dense -> tanh -> dense with bias (the frozen group) -> tanh -> bias-free
+#     dense.
+def _masked_init(rng):
+  return {
+      'w1': _dense_init(rng, 6, 10),
+      'w2': _dense_init(rng, 10, 10), 'b2': _normal(rng, (10,), 0.1),
+      'w3': _dense_init(rng, 10, 3),
+  }
+
+
+def _masked_jax(p, x):
+  h = jnp.tanh(x @ p['w1'])
+  h = jnp.tanh(h @ p['w2'] + p['b2'])
+  return h @ p['w3']
+
+
+def _masked_torch(p, x):
+  h = torch.tanh(F.linear(x, p['w1']))
+  h = torch.tanh(F.linear(h, p['w2'], p['b2']))
+  return F.linear(h, p['w3'])
+
+
+MASKED = Model(
+    name='bias_free_frozen_group',
+    init=_masked_init,
+    converters={'w1': _DENSE, 'w2': _DENSE, 'b2': _VECTOR, 'w3': _DENSE},
+    jax_logits=_masked_jax,
+    torch_logits=_masked_torch,
+    input_shape=(6,),
+    inputs_to_jax=_identity,
+    num_classes=3,
+    meta_mask={'w1': True, 'w2': False, 'b2': False, 'w3': True},
+)
+
+MODELS = [MLP, CNN, MASKED]
+
+
+def _batches(model: Model, seed: int = 0):
+  """NUM_STEPS minibatches (torch layout), labelled by a random linear teacher."""
+  rng = np.random.default_rng(seed + 1)
+  dim = int(np.prod(model.input_shape))
+  teacher = rng.normal(size=(dim, model.num_classes))
+  out = []
+  for _ in range(NUM_STEPS):
+    x = rng.normal(0.0, 1.5, size=(BATCH_SIZE, *model.input_shape))
+    y = np.argmax(x.reshape(BATCH_SIZE, dim) @ teacher + rng.normal(size=(BATCH_SIZE, model.num_classes)), axis=1)
+    out.append((x, y))
+  return out
+
+
+def _initial_params(model: Model, seed: int = 0):
+  return model.init(np.random.default_rng(seed))
+
+
+# --------------------------------------------------------------------------------------
+# The torch side, from SPEC.md.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TorchEffectiveGradient:
+  e: list  # effective gradient per parameter, detached
+  meta_norm: float  # ‖meta‖ before clipping: ‖2·H·g‖ (reference) or ‖H·g‖ (theory)
+
+
+def torch_effective_gradient(loss, params, in_meta, rule):
+  """The effective gradient ``e`` of SPEC §2 by double backward.
+
+  Args:
+    loss: the scalar minibatch loss, built from ``params`` with autograd on.
+    params: the list of leaf tensors (requires_grad=True).
+    in_meta: one bool per parameter: whether it takes part in the meta term.
+    rule: ``'reference'``: ``m = ∇‖g_M‖² = 2·H·g``, global-norm clip to 1, per-tensor
+      projection, ``e = g − m⊥``; or ``'theory'``: ``m = ∇½‖g_M‖² = H·g``, global
+      projection, no clip, ``e = g + m⊥``.
+
+  Returns:
+    A :class:`TorchEffectiveGradient`.
+  """
+  grads = torch.autograd.grad(loss, params, create_graph=True)
+  meta_params = [p for p, keep in zip(params, in_meta) if keep]
+  meta_grads = [g for g, keep in zip(grads, in_meta) if keep]
+  grad_sq_norm = sum((g * g).sum() for g in meta_grads)
+  if rule == 'reference':
+    meta = torch.autograd.grad(grad_sq_norm, meta_params)  # ∇‖g‖² = 2·H·g
+  elif rule == 'theory':
+    meta = torch.autograd.grad(0.5 * grad_sq_norm, meta_params)  # ∇½‖g‖² = H·g
+  else:
+    raise ValueError(rule)
+  g = [x.detach() for x in meta_grads]
+  meta = [m.detach() for m in meta]
+  meta_norm = torch.sqrt(sum((m * m).sum() for m in meta))
+
+  if rule == 'reference':
+    scale = torch.clamp(CLIP_NORM / (meta_norm + CLIP_EPS), max=1.0)
+    meta = [m * scale for m in meta]
+    projected = []
+    for m, x in zip(meta, g):
+      gg = (x * x).sum()
+      projected.append(m - ((m * x).sum() / gg) * x if gg > 0 else m)
+    meta_e = [x - m for x, m in zip(g, projected)]
+  else:
+    gg = sum((x * x).sum() for x in g)
+    if gg > 0:
+      coef = sum((m * x).sum() for m, x in zip(meta, g)) / gg
+      meta = [m - coef * x for m, x in zip(meta, g)]
+    meta_e = [x + m for x, m in zip(g, meta)]
+
+  meta_e = iter(meta_e)
+  e = [next(meta_e) if keep else x.detach() for x, keep in zip(grads, in_meta)]
+  return TorchEffectiveGradient(e=e, meta_norm=float(meta_norm))
+
+
+class TorchAdamW:
+  """SPEC §4 by hand: decoupled decay, bias-corrected moments, optional AMSGrad."""
+
+  def __init__(self, params, lr, betas, eps, weight_decay, amsgrad=False):
+    self.params = list(params)
+    self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+    self.amsgrad = amsgrad
+    self.t = 0
+    self.m = [torch.zeros_like(p) for p in self.params]
+    self.v = [torch.zeros_like(p) for p in self.params]
+    self.vmax = [torch.zeros_like(p) for p in self.params]
+
+  @torch.no_grad()
+  def step(self, effective_grads):
+    self.t += 1
+    bc1 = 1.0 - self.b1 ** self.t
+    bc2 = 1.0 - self.b2 ** self.t
+    for i, (p, e) in enumerate(zip(self.params, effective_grads)):
+      p.sub_(self.lr * self.wd * p)
+      self.m[i] = self.b1 * self.m[i] + (1.0 - self.b1) * e
+      self.v[i] = self.b2 * self.v[i] + (1.0 - self.b2) * e * e
+      if self.amsgrad:
+        self.vmax[i] = torch.maximum(self.vmax[i], self.v[i])
+        v = self.vmax[i]
+      else:
+        v = self.v[i]
+      p.sub_((self.lr / bc1) * self.m[i] / (torch.sqrt(v) / math.sqrt(bc2) + self.eps))
+
+
+def _torch_params(model, params_np):
+  return [torch.tensor(params_np[k], dtype=torch.float64, requires_grad=True) for k in model.converters]
+
+
+def _torch_loss(model, params, x, y):
+  named = dict(zip(model.converters, params))
+  logits = model.torch_logits(named, torch.tensor(x, dtype=torch.float64))
+  return F.cross_entropy(logits, torch.tensor(y, dtype=torch.int64))
+
+
+# The runs compared: name -> (rule, amsgrad).
+RUNS = {
+    'reference': ('reference', False),
+    'reference-amsgrad': ('reference', True),
+    'theory': ('theory', False),
+}
+
+
+@dataclasses.dataclass
+class Trajectory:
+  """What one training run leaves behind, all numpy float64 in torch layout."""
+
+  params: dict[str, np.ndarray]  # after NUM_STEPS steps
+  effective_grads: list[dict[str, np.ndarray]]  # e of every step, at that step's params
+  hg_norms: np.ndarray  # ‖H·g‖ (masked-in group) of every step, before coef and clip
+
+
+def run_torch(model, run):
+  """Trains with the torch rule of ``RUNS[run]``; ``run=None`` or ``'adamw*'`` is plain AdamW."""
+  if run in RUNS:
+    rule, amsgrad = RUNS[run]
+  else:  # the non-triviality baselines: e = g
+    rule, amsgrad = None, run == 'adamw-amsgrad'
+  params = _torch_params(model, _initial_params(model))
+  in_meta = [model.meta_mask is None or model.meta_mask[k] for k in model.converters]
+  opt = TorchAdamW(params, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
+  effective_grads, hg_norms = [], []
+  for x, y in _batches(model):
+    loss = _torch_loss(model, params, x, y)
+    if rule is None:
+      e = [g.detach() for g in torch.autograd.grad(loss, params)]
+    else:
+      out = torch_effective_gradient(loss, params, in_meta, rule)
+      e = out.e
+      hg_norms.append(out.meta_norm / (2.0 if rule == 'reference' else 1.0))
+    effective_grads.append({k: t.numpy().copy() for k, t in zip(model.converters, e)})
+    opt.step(e)
+  final = {k: p.detach().numpy().copy() for k, p in zip(model.converters, params)}
+  return Trajectory(final, effective_grads, np.array(hg_norms))
+
+
+# --------------------------------------------------------------------------------------
+# The JAX side: the library under test.
+# --------------------------------------------------------------------------------------
+
+
+def _jax_loss(model, params, x, y):
+  logits = model.jax_logits(params, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _jax_mask(model):
+  return None if model.meta_mask is None else dict(model.meta_mask)
+
+
+def _jax_meta_transform(model, rule):
+  if rule == 'reference':
+    return f3eo_jax.add_meta_gradient(
+        -2.0, projection='per_leaf', meta_clip_norm=CLIP_NORM, mask=_jax_mask(model)
+    )
+  return f3eo_jax.add_meta_gradient(mask=_jax_mask(model))
+
+
+def _jax_optimizer(model, rule, amsgrad):
+  b1, b2 = BETAS
+  if rule == 'theory':
+    assert not amsgrad, 'f3eo has no amsgrad option'
+    return f3eo_jax.f3eo(LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, mask=_jax_mask(model))
+  if model.meta_mask is None:
+    return f3eo_jax.f3eo_reference(LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
+  # f3eo_reference takes no mask: the same chain, with the mask on the meta term.
+  moments = (
+      f3eo_jax.scale_by_amsgrad_torch(b1, b2, EPS)
+      if amsgrad
+      else optax.scale_by_adam(b1=b1, b2=b2, eps=EPS)
+  )
+  return optax.chain(
+      _jax_meta_transform(model, 'reference'),
+      moments,
+      optax.add_decayed_weights(WEIGHT_DECAY),
+      optax.scale_by_learning_rate(LEARNING_RATE),
+  )
+
+
+def run_jax(model):
+  """Trains with the library, every run of ``RUNS`` in one jitted step (one compile).
+
+  Each step also evaluates ``add_meta_gradient(...).update`` on that run's current
+  params and batch, which gives the effective gradient ``e`` the optimizer uses.
+  """
+  optimizers = {run: _jax_optimizer(model, *RUNS[run]) for run in RUNS}
+  meta_transforms = {run: _jax_meta_transform(model, RUNS[run][0]) for run in RUNS}
+
+  @jax.jit
+  def step(params, states, x, y):
+    out = {}
+    for run in RUNS:
+      p = params[run]
+      obj_fn = lambda q: _jax_loss(model, q, x, y)
+      grads = jax.grad(obj_fn)(p)
+      meta = meta_transforms[run]
+      e, _ = meta.update(grads, meta.init(p), p, obj_fn=obj_fn)
+      updates, state = optimizers[run].update(grads, states[run], p, obj_fn=obj_fn)
+      hg_norm = f3eo_jax.diagnostics(state)['hg_norm']
+      out[run] = (optax.apply_updates(p, updates), state, e, hg_norm)
+    return out
+
+  params = {run: model.to_jax(_initial_params(model)) for run in RUNS}
+  states = {run: optimizers[run].init(params[run]) for run in RUNS}
+  effective_grads = {run: [] for run in RUNS}
+  hg_norms = {run: [] for run in RUNS}
+  for x, y in _batches(model):
+    out = step(params, states, jnp.asarray(model.inputs_to_jax(x)), jnp.asarray(y))
+    for run, (p, state, e, hg_norm) in out.items():
+      params[run], states[run] = p, state
+      effective_grads[run].append(model.to_torch_layout(e))
+      hg_norms[run].append(float(hg_norm))
+  return {
+      run: Trajectory(model.to_torch_layout(params[run]), effective_grads[run], np.array(hg_norms[run]))
+      for run in RUNS
+  }
+
+
+@functools.cache
+def _results(model_name):
+  """Every run of one model in both frameworks, plus the plain-AdamW baselines."""
+  model = MODELS_BY_NAME[model_name]
+  torch_runs = {run: run_torch(model, run) for run in (*RUNS, 'adamw', 'adamw-amsgrad')}
+  return torch_runs, run_jax(model)
+
+
+def _max_relative_error(actual, expected):
+  """Per tensor: max|actual − expected| / max|expected|; returns {name: error}."""
+  errors = {}
+  for name, want in expected.items():
+    scale = np.max(np.abs(want))
+    assert scale > 0, name
+    errors[name] = float(np.max(np.abs(np.asarray(actual[name]) - want)) / scale)
+  return errors
+
+
+MODELS_BY_NAME = {m.name: m for m in MODELS}
+ALL_RUNS = [pytest.param(m.name, run, id=f'{m.name}-{run}') for m in MODELS for run in RUNS]
+
+
+# --------------------------------------------------------------------------------------
+# Tests.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('amsgrad', [False, True], ids=['adamw', 'amsgrad'])
+def test_hand_written_torch_adamw_equals_torch_optim_adamw(amsgrad):
+  """Sanity check of the torch side: SPEC §4 by hand equals torch.optim.AdamW on g."""
+  model = MLP
+  ours = _torch_params(model, _initial_params(model))
+  theirs = _torch_params(model, _initial_params(model))
+  hand = TorchAdamW(ours, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
+  builtin = torch.optim.AdamW(
+      theirs, lr=LEARNING_RATE, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, amsgrad=amsgrad,
+      foreach=False,
+  )
+  for x, y in _batches(model)[:20]:
+    hand.step([g.detach() for g in torch.autograd.grad(_torch_loss(model, ours, x, y), ours)])
+    builtin.zero_grad()
+    _torch_loss(model, theirs, x, y).backward()
+    builtin.step()
+  for a, b in zip(ours, theirs):
+    np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize('model', MODELS, ids=lambda m: m.name)
+def test_torch_meta_gradient_is_a_dense_hessian_vector_product(model):
+  """Sanity check of the torch side: double backward equals H·g from a dense Hessian.
+
+  Uses ``torch.autograd.functional.hessian`` of the loss as a function of all
+  parameters raveled into one vector, restricted to the masked-in block.
+  """
+  params_np = _initial_params(model)
+  x, y = _batches(model)[0]
+  names = list(model.converters)
+  shapes = [params_np[k].shape for k in names]
+  sizes = [int(np.prod(s)) for s in shapes]
+  flat0 = torch.tensor(np.concatenate([params_np[k].ravel() for k in names]), dtype=torch.float64)
+
+  def flat_loss(flat):
+    parts = torch.split(flat, sizes)
+    return _torch_loss(model, [t.reshape(s) for t, s in zip(parts, shapes)], x, y)
+
+  hess = torch.autograd.functional.hessian(flat_loss, flat0)
+  in_meta = [model.meta_mask is None or model.meta_mask[k] for k in names]
+  keep = torch.cat([torch.full((n,), k, dtype=torch.bool) for k, n in zip(in_meta, sizes)])
+  flat = flat0.clone().requires_grad_(True)
+  g = torch.autograd.grad(flat_loss(flat), flat)[0].detach()
+  zeros = torch.zeros_like(g)
+  hg_dense = torch.where(keep, hess @ torch.where(keep, g, zeros), zeros)
+
+  params = _torch_params(model, params_np)
+  grads = torch.autograd.grad(_torch_loss(model, params, x, y), params, create_graph=True)
+  sq = sum((gr * gr).sum() for gr, k in zip(grads, in_meta) if k)
+  two_hg = iter(torch.autograd.grad(sq, [p for p, k in zip(params, in_meta) if k]))
+  two_hg_flat = torch.cat([
+      next(two_hg).ravel() if k else torch.zeros(n, dtype=torch.float64)
+      for k, n in zip(in_meta, sizes)
+  ])
+  assert float(hg_dense.norm()) > 1e-3
+  np.testing.assert_allclose(two_hg_flat.numpy(), 2.0 * hg_dense.numpy(), rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize('model_name, run', ALL_RUNS)
+def test_effective_gradient_matches_torch(model_name, run):
+  """add_meta_gradient(...).update gives torch's e: 1e-11 on step 1, 1e-8 on every step.
+
+  Steps after the first are taken at each framework's own (matching) params. On
+  the torch side e differs from g on the meta group and equals g on the frozen one.
+  """
+  model = MODELS_BY_NAME[model_name]
+  torch_runs, jax_runs = _results(model_name)
+  expected, actual = torch_runs[run].effective_grads, jax_runs[run].effective_grads
+
+  first = _max_relative_error(actual[0], expected[0])
+  assert max(first.values()) <= EFFECTIVE_GRAD_RTOL, first
+  worst = max(max(_max_relative_error(a, e).values()) for a, e in zip(actual, expected))
+  assert worst <= TRAJECTORY_RTOL, worst
+
+  plain_g = torch_runs['adamw'].effective_grads[0]  # the same params and batch on step 1
+  for name, e_k in expected[0].items():
+    moved = np.max(np.abs(e_k - plain_g[name])) / np.max(np.abs(plain_g[name]))
+    if model.meta_mask is None or model.meta_mask[name]:
+      assert moved > 1e-3, (name, moved)
+    else:
+      assert moved == 0.0, (name, moved)
+
+
+@pytest.mark.parametrize('model_name, run', ALL_RUNS)
+def test_fifty_steps_match_torch(model_name, run):
+  """After NUM_STEPS steps, with weight decay, every parameter matches torch to 1e-8.
+
+  The library's ‖H·g‖ diagnostic (float32) also tracks torch's on every step.
+  """
+  torch_runs, jax_runs = _results(model_name)
+  errors = _max_relative_error(jax_runs[run].params, torch_runs[run].params)
+  assert max(errors.values()) <= TRAJECTORY_RTOL, errors
+  np.testing.assert_allclose(jax_runs[run].hg_norms, torch_runs[run].hg_norms, rtol=1e-5)
+
+
+@pytest.mark.parametrize('model_name, run', ALL_RUNS)
+def test_meta_term_changes_the_trajectory(model_name, run):
+  """The parity is not trivial: every tensor ends far from where plain AdamW puts it."""
+  torch_runs, _ = _results(model_name)
+  baseline = torch_runs['adamw-amsgrad' if RUNS[run][1] else 'adamw'].params
+  departure = _max_relative_error(torch_runs[run].params, baseline)
+  assert max(departure.values()) > NONTRIVIAL_RTOL, departure
+  assert min(departure.values()) > 100 * TRAJECTORY_RTOL, departure
+
+
+@pytest.mark.parametrize('model_name', [m.name for m in MODELS])
+def test_reference_clip_binds_on_some_steps_and_not_on_others(model_name):
+  """‖2·H·g‖ > 1 on some steps of every reference run and ≤ 1 on others.
+
+  Both branches of ``min(1, 1/(‖m‖ + 1e-6))`` are thus on the compared trajectories.
+  """
+  torch_runs, _ = _results(model_name)
+  for run in ('reference', 'reference-amsgrad'):
+    two_hg_norms = 2.0 * torch_runs[run].hg_norms
+    assert np.any(two_hg_norms > CLIP_NORM), (run, two_hg_norms)
+    assert np.any(two_hg_norms < CLIP_NORM), (run, two_hg_norms)

@@ -1,26 +1,29 @@
 """Multi-device cases for ``test_sharding.py``, run in a subprocess on 8 CPU devices.
 
-``XLA_FLAGS`` must be set before JAX initialises, so this module is never imported by
-the shared pytest process: ``python tests/_sharding_cases.py OUT.json`` runs every case
-and writes the measured numbers (errors against the single-device run or a dense
-Hessian, shardings, collective counts from the compiled HLO) to ``OUT.json``. The
-assertions live in ``test_sharding.py``.
+``XLA_FLAGS`` must be set before JAX initialises, so the shared pytest process never
+imports this module: ``python tests/_sharding_cases.py OUT.json`` runs every case and
+writes what it measured (errors against the single-device run and against a dense
+Hessian, shardings, vma types, collectives counted in the compiled HLO) to ``OUT.json``.
+The assertions live in ``test_sharding.py``.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-).strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Eight simulated devices; the backend flags only cut CPU compile time (same HLO, same math).
+os.environ['XLA_FLAGS'] = ' '.join([
+    os.environ.get('XLA_FLAGS', ''),
+    '--xla_force_host_platform_device_count=8',
+    '--xla_backend_optimization_level=0',
+    '--xla_llvm_disable_expensive_passes=true',
+]).strip()
+os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import json  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,10 +37,11 @@ import f3eo_jax  # noqa: E402
 
 NUM_DEVICES = 8
 NUM_STEPS = 4
-BATCH = 64
 AXIS = 'data'
+W1_SHAPE = (16, 32)
 
-# ---------------------------------------------------------------- model and data
+# The FSDP layout: the leading dim of each weight matrix over the data axis, biases replicated.
+FSDP_SPECS = {'w1': P(AXIS, None), 'b1': P(), 'w2': P(AXIS, None), 'b2': P()}
 
 
 def loss_fn(params, x, y):
@@ -50,27 +54,25 @@ def loss_fn(params, x, y):
 def make_problem():
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
   params = {
-      'w1': 0.5 * jax.random.normal(k1, (16, 32)),
+      'w1': 0.5 * jax.random.normal(k1, W1_SHAPE),
       'b1': 0.1 * jax.random.normal(k5, (32,)),
       'w2': 0.5 * jax.random.normal(k2, (32, 8)),
       'b2': jnp.zeros((8,)),
   }
-  x = jax.random.normal(k3, (BATCH, 16))
-  y = jax.random.randint(k4, (BATCH,), 0, 8)
+  x = jax.random.normal(k3, (64, 16))
+  y = jax.random.randint(k4, (64,), 0, 8)
   return params, x, y
 
 
-# The FSDP layout: the leading dim of each weight matrix over the data axis, biases replicated.
-FSDP_SPECS = {'w1': P(AXIS, None), 'b1': P(), 'w2': P(AXIS, None), 'b2': P()}
-
-
 def optimizers(axis_name=None):
-  """The optimizers every mode trains with (axis_name only for local-gradient modes)."""
+  """Every optimizer under test; axis_name only where gradients are local."""
   return {
       'f3eo': f3eo_jax.f3eo(1e-2, weight_decay=1e-3, axis_name=axis_name),
       'f3eo_reference': f3eo_jax.f3eo_reference(1e-2, axis_name=axis_name),
+      # lax.cond, the H·g buffer in the state, clipping and the consistency check.
       'f3eo_hvp_every_2': f3eo_jax.f3eo(
-          1e-2, hvp_every=2, meta_clip_norm=1.0, check_consistency=1e-3, axis_name=axis_name
+          1e-2, hvp_every=2, meta_clip_norm=1.0, projection='per_leaf',
+          check_consistency=1e-3, axis_name=axis_name,
       ),
   }
 
@@ -87,42 +89,39 @@ def global_step(tx, params, state, x, y):
 
 
 def local_grad_step(tx, params, state, x, y):
-  """Inside shard_map(check_vma=False) or pmap: local gradients, averaged by the user."""
+  """shard_map(check_vma=False) or pmap: local gradients, averaged by the user."""
   obj_fn = lambda p: loss_fn(p, x, y)  # the mean over this device's slice
   grads = jax.lax.pmean(jax.grad(obj_fn)(params), AXIS)
-  updates, state = tx.update(grads, state, params, obj_fn=obj_fn)  # tx has axis_name=AXIS
+  updates, state = tx.update(grads, state, params, obj_fn=obj_fn)  # tx has axis_name
   return optax.apply_updates(params, updates), state
 
 
 def vma_step(tx, params, state, x, y):
-  """Inside shard_map(check_vma=True): the gradient of replicated params is summed."""
+  """shard_map(check_vma=True): the gradient of replicated params comes back summed."""
   obj_fn = lambda p: loss_fn(p, x, y) / jax.lax.axis_size(AXIS)
   grads = jax.grad(obj_fn)(params)
   updates, state = tx.update(grads, state, params, obj_fn=obj_fn)  # no axis_name
   return optax.apply_updates(params, updates), state
 
 
-def all_optimizers_step(step, txs):
-  """One program that steps every optimizer, so each mode compiles once."""
-
-  def run(params, states, x, y):
-    out = {name: step(tx, params[name], states[name], x, y) for name, tx in txs.items()}
-    return {k: v[0] for k, v in out.items()}, {k: v[1] for k, v in out.items()}
-
-  return run
+def adamw_step(params, state, x, y):
+  grads = jax.grad(loss_fn)(params, x, y)
+  updates, state = optax.adamw(1e-2).update(grads, state, params)
+  return optax.apply_updates(params, updates), state
 
 
-def train(compiled, params, states, x, y):
+def grad_and_hvp_step(params, x, y):
+  """What any HVP method needs from the model: a gradient and one jvp of it."""
+  obj_fn = lambda p: loss_fn(p, x, y)
+  grads = jax.grad(obj_fn)(params)
+  hg = f3eo_jax.hvp(obj_fn, params, grads)
+  return jax.tree.map(lambda p, a, b: p - 1e-2 * (a + b), params, grads, hg)
+
+
+def train(step_fn, params, state, x, y):
   for _ in range(NUM_STEPS):
-    params, states = compiled(params, states, x, y)
-  return params, states
-
-
-def diag(states):
-  return {
-      name: {k: float(v) for k, v in f3eo_jax.diagnostics(s).items()}
-      for name, s in states.items()
-  }
+    params, state = step_fn(params, state, x, y)
+  return params, state
 
 
 # ---------------------------------------------------------------- comparisons
@@ -135,22 +134,19 @@ def max_abs_diff(a, b) -> float:
   )
 
 
-def compare(params, states, ref_params, ref_states) -> dict:
-  """Per optimizer: the max abs param difference and the worst relative diagnostic one."""
-  out = {}
-  d, rd = diag(states), diag(ref_states)
-  for name in ref_params:
-    rel = max(
-        abs(d[name][k] - rd[name][k]) / max(abs(rd[name][k]), 1e-6)
-        for k in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm')
-    )
-    out[name] = {
-        'param_err': max_abs_diff(params[name], ref_params[name]),
-        'diag_rel_err': rel,
-        'param_moved': max_abs_diff(params[name], INITIAL_PARAMS),
-        'grad_mismatch': d[name]['grad_mismatch'],
-    }
-  return out
+def compare(params, state, reference) -> dict:
+  """Final params and diagnostics against the single-device run of the same optimizer."""
+  ref_params, ref_state, initial = reference
+  d, rd = f3eo_jax.diagnostics(state), f3eo_jax.diagnostics(ref_state)
+  return {
+      'param_err': max_abs_diff(params, ref_params),
+      'diag_rel_err': max(
+          abs(float(d[k]) - float(rd[k])) / max(abs(float(rd[k])), 1e-6)
+          for k in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm')
+      ),
+      'param_moved': max_abs_diff(ref_params, initial),
+      'grad_mismatch': float(d['grad_mismatch']),
+  }
 
 
 def varying_axes(x) -> list[str]:
@@ -159,13 +155,18 @@ def varying_axes(x) -> list[str]:
 
 
 def spec_of(x) -> str:
-  sharding = x.sharding
-  return str(sharding.spec) if isinstance(sharding, NamedSharding) else type(sharding).__name__
+  """A NamedSharding's spec without trailing Nones (``P('data', None)`` is ``P('data',)``)."""
+  if not isinstance(x.sharding, NamedSharding):
+    return type(x.sharding).__name__
+  spec = tuple(x.sharding.spec)
+  while spec and spec[-1] is None:
+    spec = spec[:-1]
+  return str(P(*spec))
 
 
 def w1_like_specs(state) -> list[str]:
-  """The shardings of the state's leaves shaped like w1 (moments, H·g buffer)."""
-  return sorted({spec_of(a) for a in jax.tree.leaves(state) if a.shape == (16, 32)})
+  """Shardings of the state's leaves shaped like w1 (moments, the H·g buffer)."""
+  return sorted({spec_of(a) for a in jax.tree.leaves(state) if a.shape == W1_SHAPE})
 
 
 # ---------------------------------------------------------------- compiled-HLO inspection
@@ -174,27 +175,23 @@ _COLLECTIVE = re.compile(
     r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
     r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
 )
-_ARRAY = re.compile(r'([a-z]+[0-9]*)\[([0-9,]*)\]')
+_ARRAY = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
 
 
 def collectives(hlo_text: str) -> dict:
-  """Collective ops of a compiled (SPMD-partitioned) module, with their result sizes."""
-  found = {}
+  """Per collective kind in a compiled (SPMD-partitioned) module: op count, total
+  result elements, and the sizes of the arrays each op produces."""
+  out = {}
+  hlo_text = re.sub(r'/\*.*?\*/', '', hlo_text)  # tuple shapes carry /*index=5*/ comments
   for match in _COLLECTIVE.finditer(hlo_text):
     sizes = [
-        int(np.prod([int(d) for d in dims.split(',') if d])) if dims else 1
-        for _, dims in _ARRAY.findall(match.group('shape'))
+        int(np.prod([int(d) for d in dims.split(',') if d], dtype=np.int64))
+        for dims in _ARRAY.findall(match.group('shape'))
     ]
-    found.setdefault(match.group('op'), []).append(sizes)
-  return found
-
-
-def summarize(hlo_text: str) -> dict:
-  """Per collective kind: op count, total result elements, largest single array."""
-  out = {}
-  for op, ops in collectives(hlo_text).items():
-    flat = [s for sizes in ops for s in sizes]
-    out[op] = {'count': len(ops), 'elements': int(sum(flat)), 'largest': int(max(flat))}
+    entry = out.setdefault(match.group('op'), {'count': 0, 'elements': 0, 'sizes': []})
+    entry['count'] += 1
+    entry['elements'] += int(sum(sizes))
+    entry['sizes'] = sorted(entry['sizes'] + sizes, reverse=True)
   return out
 
 
@@ -202,185 +199,143 @@ def summarize(hlo_text: str) -> dict:
 
 
 def main(out_path: str) -> None:
-  global INITIAL_PARAMS
   start = time.perf_counter()
   assert jax.device_count() == NUM_DEVICES, jax.devices()
-  results: dict = {'jax_version': jax.__version__, 'timings': {}}
   params, x, y = make_problem()
-  INITIAL_PARAMS = params
-  num_params = sum(p.size for p in jax.tree.leaves(params))
-  results['num_params'] = int(num_params)
-  results['largest_param'] = int(max(p.size for p in jax.tree.leaves(params)))
+  results: dict = {
+      'jax_version': jax.__version__,
+      'param_sizes': sorted((int(p.size) for p in jax.tree.leaves(params)), reverse=True),
+      'hlo': {},
+      'cpu_seconds': {},
+  }
+  hlo = results['hlo']
 
   def tick(name):
-    results['timings'][name] = round(time.perf_counter() - start, 2)
-    print(name, results['timings'][name], time.process_time(), file=sys.stderr, flush=True)
+    results['cpu_seconds'][name] = round(time.process_time(), 2)
+    print(f'{name}: {time.perf_counter() - start:.1f} s', file=sys.stderr, flush=True)
 
   # The independent oracle: a dense Hessian of the global loss on raveled params.
   flat, unravel = ravel_pytree(params)
   flat_loss = lambda f: loss_fn(unravel(f), x, y)
-  dense_g = jax.grad(flat_loss)(flat)
-  dense_hg = jax.hessian(flat_loss)(flat) @ dense_g
-  results['dense_hg_norm'] = float(jnp.linalg.norm(dense_hg))
+  dense_g = jax.jit(jax.grad(flat_loss))(flat)
+  dense_hg = jax.jit(jax.hessian(flat_loss))(flat) @ dense_g
 
-  def hg_err(g, hg):
+  def hvp_errors(g, hg):
     return {
         'grad_err': float(jnp.max(jnp.abs(ravel_pytree(g)[0] - dense_g))),
         'hg_err': float(jnp.max(jnp.abs(ravel_pytree(hg)[0] - dense_hg))),
+        'hg_scale': float(jnp.max(jnp.abs(dense_hg))),
     }
 
-  # Single device: the reference every mode is compared with.
+  # Single device: the run every layout is compared with.
   txs = optimizers()
-  rep = lambda tree: {name: tree for name in txs}
-  single = jax.jit(all_optimizers_step(global_step, txs))
-  ref_params, ref_states = train(
-      single, rep(params), {n: tx.init(params) for n, tx in txs.items()}, x, y
-  )
+  reference = {}
+  for name, tx in txs.items():
+    step = jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y))
+    reference[name] = (*train(step, params, tx.init(params), x, y), params)
   tick('single_device')
 
-  auto_mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(AxisType.Auto,))
-  shard = lambda tree, spec: jax.device_put(tree, NamedSharding(auto_mesh, spec))
+  mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(AxisType.Auto,))
+  shard = lambda tree, spec: jax.device_put(tree, NamedSharding(mesh, spec))
   xs, ys = shard(x, P(AXIS)), shard(y, P(AXIS))
 
-  # (a) jit + NamedSharding, batch over 'data', params replicated.
-  p_rep = shard(params, P())
-  states = {n: tx.init(p_rep) for n, tx in txs.items()}
-  compiled = jax.jit(all_optimizers_step(global_step, txs)).lower(
-      rep(p_rep), states, xs, ys
-  ).compile()
-  out_params, out_states = train(compiled, rep(p_rep), states, xs, ys)
-  results['jit_data_parallel'] = compare(out_params, out_states, ref_params, ref_states)
-  g = jax.jit(jax.grad(loss_fn))(p_rep, xs, ys)
-  hg = jax.jit(lambda p, v: f3eo_jax.hvp(lambda q: loss_fn(q, xs, ys), p, v))(p_rep, g)
-  results['jit_data_parallel_hvp'] = hg_err(g, hg)
-  tick('jit_data_parallel')
-
-  # (b) FSDP: the leading dim of the weight matrices over the same axis.
-  p_fsdp = {k: shard(v, FSDP_SPECS[k]) for k, v in params.items()}
-  # Eager init: zeros_like keeps each leaf's sharding (under jit they would be unconstrained).
-  states = {n: tx.init(p_fsdp) for n, tx in txs.items()}
-  state_specs = {n: w1_like_specs(s) for n, s in states.items()}
-  compiled = jax.jit(all_optimizers_step(global_step, txs)).lower(
-      rep(p_fsdp), states, xs, ys
-  ).compile()
-  out_params, out_states = train(compiled, rep(p_fsdp), states, xs, ys)
-  results['fsdp'] = {
-      'compare': compare(out_params, out_states, ref_params, ref_states),
-      'in_param_specs': {k: str(v) for k, v in FSDP_SPECS.items()},
-      'out_param_specs': {
-          n: {k: str(v.sharding.spec) for k, v in p.items()} for n, p in out_params.items()
-      },
-      'init_state_specs_w1': state_specs,
-      'out_state_specs_w1': {n: w1_like_specs(s) for n, s in out_states.items()},
+  # (a) jit + NamedSharding: batch over 'data', params replicated; (b) FSDP.
+  layouts = {
+      'jit_data_parallel': shard(params, P()),
+      'jit_fsdp': {k: shard(v, FSDP_SPECS[k]) for k, v in params.items()},
   }
-  tick('fsdp')
+  for layout, p_in in layouts.items():
+    cases = results[layout] = {}
+    for name, tx in txs.items():
+      state = tx.init(p_in)  # eager: zeros_like keeps each leaf's sharding
+      compiled = jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y)).lower(
+          p_in, state, xs, ys
+      ).compile()
+      out_params, out_state = train(compiled, p_in, state, xs, ys)
+      cases[name] = compare(out_params, out_state, reference[name]) | {
+          'in_specs': {k: spec_of(v) for k, v in p_in.items()},
+          'out_specs': {k: spec_of(v) for k, v in out_params.items()},
+          'state_specs_w1': w1_like_specs(out_state),
+      }
+      if name == 'f3eo':
+        hlo[f'{layout}_f3eo'] = collectives(compiled.as_text())
+    hlo[f'{layout}_adamw'] = collectives(
+        jax.jit(adamw_step).lower(p_in, optax.adamw(1e-2).init(p_in), xs, ys).compile().as_text()
+    )
+    tick(layout)
+  hlo['jit_fsdp_grad_and_hvp'] = collectives(
+      jax.jit(grad_and_hvp_step).lower(layouts['jit_fsdp'], xs, ys).compile().as_text()
+  )
+  g = jax.jit(jax.grad(loss_fn))(layouts['jit_data_parallel'], xs, ys)
+  hg = jax.jit(lambda p, v: f3eo_jax.hvp(lambda q: loss_fn(q, xs, ys), p, v))(
+      layouts['jit_data_parallel'], g
+  )
+  results['jit_data_parallel_hvp'] = hvp_errors(g, hg)
 
-  # (b') The same FSDP layout on an Explicit mesh (jax.make_mesh's default axis type).
-  explicit_mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(AxisType.Explicit,))
-  with jax.set_mesh(explicit_mesh):
-    p_exp = jax.device_put(params, FSDP_SPECS)
-    xe, ye = jax.device_put(x, P(AXIS)), jax.device_put(y, P(AXIS))
-    tx = txs['f3eo']
-    step = jax.jit(lambda p, s, x, y: global_step(tx, p, s, x, y))
-    p_out, s_out = p_exp, tx.init(p_exp)
-    for _ in range(NUM_STEPS):
-      p_out, s_out = step(p_out, s_out, xe, ye)
-    results['explicit_fsdp'] = {
-        'param_err': max_abs_diff(jax.device_get(p_out), ref_params['f3eo']),
-        'w1_type': str(jax.typeof(p_out['w1'])),
-    }
-  tick('explicit_fsdp')
-
-  # HLO of the FSDP step and of the transform alone.
-  lin_hvp = lambda v: jax.tree.map(lambda a: 3.0 * a, v)  # any linear map will do here
+  # The transform alone on FSDP-sharded trees, and a raveling projection to contrast.
+  p_fsdp = layouts['jit_fsdp']
+  linear_hvp = lambda v: jax.tree.map(lambda a: 3.0 * a, v)
 
   def transform_only(tx):
     def run(grads, state, params):
-      updates, state = tx.update(grads, state, params, hvp_fn=lin_hvp)
+      updates, state = tx.update(grads, state, params, hvp_fn=linear_hvp)
       return optax.apply_updates(params, updates), state
 
     return run
 
-  def ravel_projection(grads, state, params):
-    """What the transform must not do: project on the raveled pytree."""
+  for name in ('f3eo', 'f3eo_hvp_every_2'):
+    tx = txs[name]
+    hlo[f'transform_{name}'] = collectives(
+        jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
+    )
+
+  def raveled_projection(grads, params):
+    """What the transform must not do: inner products on the raveled pytree."""
     flat_g, unravel_g = ravel_pytree(grads)
-    flat_m = 3.0 * flat_g + jnp.roll(flat_g, 1)
+    flat_m = 3.0 * flat_g
     flat_m = flat_m - (flat_m @ flat_g) / (flat_g @ flat_g) * flat_g
-    return optax.apply_updates(params, unravel_g(-1e-2 * (flat_g + flat_m))), state
+    return optax.apply_updates(params, unravel_g(-1e-2 * (flat_g + flat_m)))
 
-  hlo = {}
-  for name, tx in txs.items():
-    state = tx.init(p_fsdp)
-    lowered = jax.jit(transform_only(tx)).lower(p_fsdp, state, p_fsdp)
-    hlo[f'transform_{name}'] = summarize(lowered.compile().as_text())
-  hlo['ravel_projection'] = summarize(
-      jax.jit(ravel_projection).lower(p_fsdp, None, p_fsdp).compile().as_text()
+  hlo['raveled_projection'] = collectives(
+      jax.jit(raveled_projection).lower(p_fsdp, p_fsdp).compile().as_text()
   )
-  hlo['fsdp_step_all'] = summarize(compiled.as_text())
-
-  def grad_and_hvp_sgd(params, x, y):
-    """What any HVP method needs from the model: a gradient and one jvp of it."""
-    obj_fn = lambda p: loss_fn(p, x, y)
-    grads = jax.grad(obj_fn)(params)
-    hg = f3eo_jax.hvp(obj_fn, params, grads)
-    return jax.tree.map(lambda p, a, b: p - 1e-2 * (a + b), params, grads, hg)
-
-  def adamw_step(params, state, x, y):
-    grads = jax.grad(loss_fn)(params, x, y)
-    updates, state = optax.adamw(1e-2).update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  def f3eo_step(params, state, x, y):
-    return global_step(txs['f3eo'], params, state, x, y)
-
-  for layout, p_in in (('fsdp', p_fsdp), ('data_parallel', p_rep)):
-    hlo[f'{layout}_adamw'] = summarize(
-        jax.jit(adamw_step).lower(p_in, optax.adamw(1e-2).init(p_in), xs, ys).compile().as_text()
-    )
-    hlo[f'{layout}_grad_and_hvp'] = summarize(
-        jax.jit(grad_and_hvp_sgd).lower(p_in, xs, ys).compile().as_text()
-    )
-    hlo[f'{layout}_f3eo'] = summarize(
-        jax.jit(f3eo_step).lower(p_in, txs['f3eo'].init(p_in), xs, ys).compile().as_text()
-    )
-  results['hlo'] = hlo
   tick('hlo')
+
+  # (b') The FSDP layout on an Explicit mesh, jax.make_mesh's default axis type.
+  with jax.set_mesh(jax.make_mesh((NUM_DEVICES,), (AXIS,))):
+    p_exp = jax.device_put(params, FSDP_SPECS)
+    xe, ye = jax.device_put(x, P(AXIS)), jax.device_put(y, P(AXIS))
+    tx = txs['f3eo']
+    step = jax.jit(lambda p, s, x, y: global_step(tx, p, s, x, y))
+    out_params, out_state = train(step, p_exp, tx.init(p_exp), xe, ye)
+    results['explicit_fsdp'] = compare(out_params, out_state, reference['f3eo']) | {
+        'w1_type': str(jax.typeof(out_params['w1']))
+    }
+  tick('explicit_fsdp')
+
+  def shard_mapped(step, tx, check_vma):
+    return jax.jit(
+        jax.shard_map(
+            lambda p, s, x, y: step(tx, p, s, x, y), mesh=mesh,
+            in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=(P(), P()), check_vma=check_vma,
+        )
+    )
 
   # shard_map with local gradients (check_vma=False): pmean g, axis_name averages H·g.
   txs_local = optimizers(axis_name=AXIS)
-  specs = lambda: (P(), P(), P(AXIS), P(AXIS))
-  local = jax.jit(
-      jax.shard_map(
-          all_optimizers_step(local_grad_step, txs_local),
-          mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=False,
-      )
-  )
-  states = {n: tx.init(params) for n, tx in txs_local.items()}
-  out_params, out_states = train(local, rep(params), states, xs, ys)
-  results['shard_map_local_grads'] = compare(out_params, out_states, ref_params, ref_states)
-  results['hlo']['shard_map_local_grads_f3eo'] = summarize(
-      jax.jit(
-          jax.shard_map(
-              lambda p, s, x, y: local_grad_step(txs_local['f3eo'], p, s, x, y),
-              mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=False,
-          )
-      ).lower(params, txs_local['f3eo'].init(params), xs, ys).compile().as_text()
-  )
-
-  # The same without axis_name: H·g stays local, so the run must differ.
-  tx_no_axis = optimizers()['f3eo']
-  missing = jax.jit(
-      jax.shard_map(
-          lambda p, s, x, y: local_grad_step(tx_no_axis, p, s, x, y),
-          mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=False,
-      )
-  )
-  p_out, s_out = params, tx_no_axis.init(params)
-  for _ in range(NUM_STEPS):
-    p_out, s_out = missing(p_out, s_out, xs, ys)
-  results['shard_map_local_grads_without_axis_name'] = {
-      'param_err': max_abs_diff(jax.device_get(p_out), ref_params['f3eo'])
-  }
+  cases = results['shard_map_local_grads'] = {}
+  for name in ('f3eo', 'f3eo_hvp_every_2'):
+    tx = txs_local[name]
+    compiled = shard_mapped(local_grad_step, tx, False).lower(
+        params, tx.init(params), xs, ys
+    ).compile()
+    cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
+    if name == 'f3eo':
+      hlo['shard_map_local_grads_f3eo'] = collectives(compiled.as_text())
+  # The same without axis_name: H·g stays local, so this run must differ.
+  tx = txs['f3eo']
+  out = train(shard_mapped(local_grad_step, tx, False), params, tx.init(params), xs, ys)
+  results['shard_map_local_grads_without_axis_name'] = compare(*out, reference['f3eo'])
 
   def local_hvp(p, x, y):
     obj_fn = lambda q: loss_fn(q, x, y)
@@ -388,84 +343,56 @@ def main(out_path: str) -> None:
     return g, jax.lax.pmean(f3eo_jax.hvp(obj_fn, p, g), AXIS)
 
   g, hg = jax.jit(
-      jax.shard_map(local_hvp, mesh=auto_mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                    out_specs=P(), check_vma=False)
+      jax.shard_map(local_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
+                    check_vma=False)
   )(params, xs, ys)
-  results['shard_map_local_grads_hvp'] = hg_err(g, hg)
+  results['shard_map_local_grads_hvp'] = hvp_errors(g, hg)
   tick('shard_map_local_grads')
 
-  # Legacy jax.pmap (implemented on shard_map with check_vma=False in this JAX).
+  # Legacy jax.pmap, built on shard_map(check_vma=False) in this JAX: local gradients too.
+  tx = txs_local['f3eo_reference']
   pmapped = jax.pmap(
-      all_optimizers_step(local_grad_step, txs_local),
+      lambda p, s, x, y: local_grad_step(tx, p, s, x, y),
       axis_name=AXIS, in_axes=(None, None, 0, 0), out_axes=None,
   )
   xp, yp = x.reshape(NUM_DEVICES, -1, x.shape[-1]), y.reshape(NUM_DEVICES, -1)
-  states = {n: tx.init(params) for n, tx in txs_local.items()}
-  out_params, out_states = train(pmapped, rep(params), states, xp, yp)
-  results['pmap'] = compare(out_params, out_states, ref_params, ref_states)
+  out = train(pmapped, params, tx.init(params), xp, yp)
+  results['pmap'] = {'f3eo_reference': compare(*out, reference['f3eo_reference'])}
   tick('pmap')
 
-  # shard_map with varying-axis typing (check_vma=True): loss / n, no axis_name.
-  vma = jax.jit(
-      jax.shard_map(
-          all_optimizers_step(vma_step, txs),
-          mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=True,
-      )
-  )
-  states = {n: tx.init(params) for n, tx in txs.items()}
-  out_params, out_states = train(vma, rep(params), states, xs, ys)
-  results['shard_map_vma'] = compare(out_params, out_states, ref_params, ref_states)
-  results['hlo']['shard_map_vma_f3eo'] = summarize(
-      jax.jit(
-          jax.shard_map(
-              lambda p, s, x, y: vma_step(txs['f3eo'], p, s, x, y),
-              mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=True,
-          )
-      ).lower(params, txs['f3eo'].init(params), xs, ys).compile().as_text()
-  )
+  # shard_map with varying-manual-axes typing (check_vma=True): loss / n, no axis_name.
+  cases = results['shard_map_vma'] = {}
+  for name in ('f3eo', 'f3eo_reference', 'f3eo_hvp_every_2'):
+    tx = txs[name]
+    compiled = shard_mapped(vma_step, tx, True).lower(params, tx.init(params), xs, ys).compile()
+    cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
+    if name == 'f3eo':
+      hlo['shard_map_vma_f3eo'] = collectives(compiled.as_text())
+  # With axis_name as well: a pmean of an unvarying value is that value.
+  tx = txs_local['f3eo']
+  out = train(shard_mapped(vma_step, tx, True), params, tx.init(params), xs, ys)
+  results['shard_map_vma_with_axis_name'] = compare(*out, reference['f3eo'])
+
+  types = {}
 
   def vma_hvp(p, x, y):
     obj_fn = lambda q: loss_fn(q, x, y) / jax.lax.axis_size(AXIS)
-    g = jax.grad(obj_fn)(p)
+    loss, g = jax.value_and_grad(obj_fn)(p)
     hg = f3eo_jax.hvp(obj_fn, p, g)
-    return g, hg, varying_axes(hg['w1'])
-
-  vma_types = {}
-
-  def vma_hvp_outputs(p, x, y):
-    g, hg, hg_vma = vma_hvp(p, x, y)
-    vma_types['hg'] = sorted(hg_vma)
-    vma_types['g'] = varying_axes(g['w1'])
+    types.update(loss=varying_axes(loss), g=varying_axes(g['w1']), hg=varying_axes(hg['w1']))
     return g, hg
 
   g, hg = jax.jit(
-      jax.shard_map(vma_hvp_outputs, mesh=auto_mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                    out_specs=P(), check_vma=True)
+      jax.shard_map(vma_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
+                    check_vma=True)
   )(params, xs, ys)
-  results['shard_map_vma_hvp'] = hg_err(g, hg) | {'vma_of_g': vma_types['g'],
-                                                   'vma_of_hg': vma_types['hg']}
-
-  # check_vma=True with axis_name anyway: pmean of an unvarying value is that value.
-  tx_axis = optimizers(axis_name=AXIS)['f3eo']
-  both = jax.jit(
-      jax.shard_map(
-          lambda p, s, x, y: vma_step(tx_axis, p, s, x, y),
-          mesh=auto_mesh, in_specs=specs(), out_specs=(P(), P()), check_vma=True,
-      )
-  )
-  p_out, s_out = params, tx_axis.init(params)
-  for _ in range(NUM_STEPS):
-    p_out, s_out = both(p_out, s_out, xs, ys)
-  results['shard_map_vma_with_axis_name'] = {
-      'param_err': max_abs_diff(jax.device_get(p_out), ref_params['f3eo'])
-  }
+  results['shard_map_vma_hvp'] = hvp_errors(g, hg) | {f'vma_of_{k}': v for k, v in types.items()}
   tick('shard_map_vma')
 
+  results['wall_seconds'] = round(time.perf_counter() - start, 1)
   with open(out_path, 'w', encoding='utf-8') as f:
     json.dump(results, f, indent=1, sort_keys=True)
 
-
-INITIAL_PARAMS = None
 
 if __name__ == '__main__':
   main(sys.argv[1])

@@ -115,7 +115,7 @@ def dense_derivatives(
   treedef = jax.tree.structure(params)
   key = (loss_fn, treedef, str(flat.dtype), np.asarray(flat).tobytes())
   if key not in _DERIVATIVES:
-    shapes = tuple((np.shape(x), str(np.result_type(x))) for x in jax.tree.leaves(params))
+    shapes = tuple((np.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(params))
     loss, grad, hessian = _jitted_derivatives(loss_fn, _Unravel(treedef, shapes, unravel))(flat)
     _DERIVATIVES[key] = types.SimpleNamespace(
         loss=float(loss),

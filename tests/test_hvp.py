@@ -32,7 +32,7 @@ def test_hvp_equals_dense_hessian_times_tangent(x64, make_mlp, dense, activation
 
 @pytest.mark.parametrize('activation', ACTIVATIONS)
 def test_grad_and_hvp_returns_gradient_and_hessian_times_gradient(x64, make_mlp, dense, activation):
-  params, loss_fn = make_mlp(activation, widths=(3, 5, 4, 2))
+  params, loss_fn = make_mlp(activation)
   reference = dense.derivatives(loss_fn, params)
 
   grads, hg = jax.jit(lambda p: f3eo_jax.grad_and_hvp(loss_fn, p, jax.grad(loss_fn)(p)))(params)

@@ -1,0 +1,124 @@
+"""Properties of the orthogonal decoupling (SPEC §2) that hold for any g and H·g.
+
+Hypothesis draws the values of ``g``, ``H·g`` (passed as a constant ``hvp_fn``) and the
+coefficients; shapes stay fixed, so each jitted function compiles once per projection.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import f3eo_jax
+
+SHAPES = {'kernel': (3, 2), 'bias': (4,), 'scale': ()}
+PROJECTIONS = ('global', 'per_leaf')
+SETTINGS = hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+
+# Magnitudes in [1e-3, 10] or exactly zero: whole-zero leaves occur, underflow does not.
+_values = st.one_of(st.just(0.0), st.floats(1e-3, 10.0), st.floats(-10.0, -1e-3))
+_coefs = st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False)
+
+
+def _trees(dtype=np.float64):
+  return st.fixed_dictionaries(
+      {name: hnp.arrays(dtype, shape, elements=_values) for name, shape in SHAPES.items()}
+  )
+
+
+@functools.cache
+def _effective_gradient(projection, clipped=False, zero_coef=False):
+  """Jitted ``(g, hg, meta_coef, meta_clip_norm) -> e`` with ``hvp_fn`` returning ``hg``."""
+
+  @jax.jit
+  def effective_gradient(g, hg, meta_coef, meta_clip_norm):
+    tx = f3eo_jax.add_meta_gradient(
+        0.0 if zero_coef else meta_coef,
+        projection=projection,
+        meta_clip_norm=meta_clip_norm if clipped else None,
+    )
+    e, _ = tx.update(g, tx.init(g), None, hvp_fn=lambda tangent: hg)
+    return e
+
+  return effective_gradient
+
+
+def _meta_term(g, hg, meta_coef, projection, meta_clip_norm=None):
+  """``m⊥ = e − g`` per leaf, as float64 numpy arrays."""
+  with jax.enable_x64(True):
+    fn = _effective_gradient(projection, clipped=meta_clip_norm is not None)
+    e = fn(g, hg, meta_coef, 1.0 if meta_clip_norm is None else meta_clip_norm)
+  return {k: np.asarray(e[k], np.float64) - np.asarray(g[k], np.float64) for k in g}
+
+
+def _norm(tree):
+  return np.sqrt(sum(float(np.sum(np.square(x))) for x in tree.values()))
+
+
+def _dot(a, b):
+  return sum(float(np.sum(a[k] * b[k])) for k in a)
+
+
+@SETTINGS
+@hypothesis.given(g=_trees(), hg=_trees(), meta_coef=_coefs)
+def test_meta_term_is_orthogonal_to_the_gradient_globally(g, hg, meta_coef):
+  m = _meta_term(g, hg, meta_coef, 'global')
+
+  scale = (abs(meta_coef) * _norm(hg) + _norm(g)) * _norm(g)
+  assert abs(_dot(m, g)) <= 1e-12 * scale
+
+
+@SETTINGS
+@hypothesis.given(g=_trees(), hg=_trees(), meta_coef=_coefs)
+def test_meta_term_is_orthogonal_to_the_gradient_per_leaf(g, hg, meta_coef):
+  m = _meta_term(g, hg, meta_coef, 'per_leaf')
+
+  for k in g:
+    g_norm = np.linalg.norm(g[k])
+    scale = (abs(meta_coef) * np.linalg.norm(hg[k]) + g_norm) * g_norm
+    assert abs(float(np.sum(m[k] * g[k]))) <= 1e-12 * scale, k
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+@SETTINGS
+@hypothesis.given(
+    g=_trees(), hg=_trees(), meta_coef=_coefs, factor=st.floats(-4.0, 4.0, allow_nan=False)
+)
+def test_meta_term_scales_linearly_with_meta_coef(projection, g, hg, meta_coef, factor):
+  m = _meta_term(g, hg, meta_coef, projection)
+  m_scaled = _meta_term(g, hg, factor * meta_coef, projection)
+
+  error = _norm({k: m_scaled[k] - factor * m[k] for k in m})
+  assert error <= 1e-12 * (1 + abs(factor)) * (abs(meta_coef) * _norm(hg) + _norm(g))
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+@SETTINGS
+@hypothesis.given(
+    g=_trees(), hg=_trees(), meta_coef=_coefs, meta_clip_norm=st.floats(1e-3, 10.0)
+)
+def test_projected_meta_term_never_exceeds_meta_clip_norm(
+    projection, g, hg, meta_coef, meta_clip_norm
+):
+  m = _meta_term(g, hg, meta_coef, projection, meta_clip_norm)
+
+  # Projection only shortens a vector, so clipping before it bounds the result.
+  assert _norm(m) <= meta_clip_norm * (1 + 1e-9) + 1e-12 * _norm(g)
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+@SETTINGS
+@hypothesis.given(g=_trees(np.float32), hg=_trees(np.float32))
+def test_zero_meta_coef_returns_the_gradient_bitwise(projection, g, hg):
+  e = _effective_gradient(projection, zero_coef=True)(g, hg, 0.0, None)
+
+  for k in g:
+    assert e[k].dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(e[k]).view(np.uint32), g[k].view(np.uint32))

@@ -32,13 +32,23 @@ Writes benchmarks/results/data_parallel.md (and .json).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 
 NUM_DEVICES = 8
-os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={NUM_DEVICES}'
-).strip()
+
+
+def _xla_flags() -> str:
+  flags = [f'--xla_force_host_platform_device_count={NUM_DEVICES}']
+  jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
+  if jaxlib >= (0, 9):  # a busy host can starve a device thread past the 40 s rendezvous default
+    flags += ['--xla_cpu_collective_call_terminate_timeout_seconds=600',
+              '--xla_cpu_collective_timeout_seconds=600']
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
+
+
+os.environ['XLA_FLAGS'] = _xla_flags()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 if __package__ in (None, ''):  # run as a script: make the `benchmarks` package importable
@@ -124,6 +134,8 @@ def layouts(model, mesh, lr: float) -> dict[str, dict]:
           on_mesh(make_step(model, adamw, num_devices=n, meta=False), True), adamw, False),
       ('shard_map (vma)', 'f3eo'): (
           on_mesh(make_step(model, f3eo, num_devices=n), True), f3eo, False),
+      ('shard_map (local)', 'adamw'): (
+          on_mesh(make_step(model, adamw, average_grads=True, meta=False), False), adamw, False),
       ('shard_map (local)', 'f3eo'): (
           on_mesh(make_step(model, f3eo_local, average_grads=True), False), f3eo_local, False),
   }
@@ -204,12 +216,12 @@ def equivalence_run(model, variants, params, dataset, args) -> list[dict]:
     losses = []
     for _ in range(args.train_steps):
       p, state, loss = v['step'](p, state, *v['place_batch'](next(batches)))
-      losses.append(loss)
+      losses.append(float(loss))  # one step in flight at a time (see timing)
     p = jax.device_get(p)
     reference = p if reference is None else reference
     rows.append({
         'layout': layout,
-        'final_loss': float(np.mean([float(l) for l in losses[-10:]])),
+        'final_loss': float(np.mean(losses[-10:])),
         'test_accuracy': accuracy(model, p, dataset.x_test, dataset.y_test),
         'max_param_diff': max_abs_diff(p, reference),
         'param_scale': max(float(np.max(np.abs(a))) for a in jax.tree.leaves(p)),
@@ -241,7 +253,9 @@ def timing(variants, params, dataset, args) -> dict[tuple[str, str], dict]:
       for _ in range(args.steps_per_round):
         p, state, loss = run['compiled'](*run['args'])
         run['args'][:2] = [p, state]
-      jax.block_until_ready(loss)
+        # Waiting for each step keeps one in flight: XLA:CPU's simulated devices can
+        # deadlock in a collective when many queued steps compete for the host's threads.
+        jax.block_until_ready(loss)
       run['times'].append((time.perf_counter() - start) / args.steps_per_round)
   return {
       key: {'step_ms': 1e3 * float(np.median(run['times'])), 'compile_s': run['compile_s'],

@@ -148,14 +148,9 @@ def make_optimizer(
     )
   if name == 'f3eo_reference':
     if config.check_consistency is not None:
-      return optax.chain(  # f3eo_reference, with the consistency check switched on
-          f3eo_jax.add_meta_gradient(
-              -2.0, projection='per_leaf', meta_clip_norm=1.0,
-              check_consistency=config.check_consistency,
-          ),
-          optax.scale_by_adam(),
-          optax.add_decayed_weights(wd),
-          optax.scale_by_learning_rate(lr),
+      raise ValueError(
+          'f3eo_reference has no check_consistency option; check the shared train_step with'
+          " optimizer='f3eo'."
       )
     return f3eo_jax.f3eo_reference(lr, weight_decay=wd)
   if name == 'adamw':

@@ -148,6 +148,7 @@ def f3eo_reference(
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     *,
+    mask: MaskOrFn = None,
     axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The published PyTorch F3EO rule, step for step.
@@ -164,6 +165,8 @@ def f3eo_reference(
     eps: added to the denominator.
     weight_decay: decoupled weight decay.
     amsgrad: use the maximum of past second moments, as PyTorch does.
+    mask: where the meta term applies (a bool pytree, or a function of params); the
+      other leaves get plain AdamW on ``g``. See :func:`f3eo_jax.add_meta_gradient`.
     axis_name: mapped axis over which to average ``H·g`` (``shard_map``/``pmap``
       with local gradients); see :func:`f3eo_jax.add_meta_gradient`.
 
@@ -179,7 +182,9 @@ def f3eo_reference(
       scale_by_amsgrad_torch(b1, b2, eps) if amsgrad else optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
   )
   return optax.chain(
-      add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0, axis_name=axis_name),
+      add_meta_gradient(
+          -2.0, projection='per_leaf', meta_clip_norm=1.0, mask=mask, axis_name=axis_name
+      ),
       scale_by_moments,
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),

@@ -9,15 +9,25 @@ The assertions live in ``test_sharding.py``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
-# Eight simulated devices; the backend flags only cut CPU compile time (same HLO, same math).
-os.environ['XLA_FLAGS'] = ' '.join([
-    os.environ.get('XLA_FLAGS', ''),
-    '--xla_force_host_platform_device_count=8',
-    '--xla_backend_optimization_level=0',
-    '--xla_llvm_disable_expensive_passes=true',
-]).strip()
+
+def _xla_flags() -> str:
+  # Eight simulated devices; the backend flags only cut CPU compile time (same HLO, same math).
+  flags = [
+      '--xla_force_host_platform_device_count=8',
+      '--xla_backend_optimization_level=0',
+      '--xla_llvm_disable_expensive_passes=true',
+  ]
+  jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
+  if jaxlib >= (0, 9):  # a busy host can starve a device thread past the 40 s rendezvous default
+    flags += ['--xla_cpu_collective_call_terminate_timeout_seconds=600',
+              '--xla_cpu_collective_timeout_seconds=600']
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
+
+
+os.environ['XLA_FLAGS'] = _xla_flags()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import json  # noqa: E402
@@ -120,7 +130,8 @@ def grad_and_hvp_step(params, x, y):
 
 def train(step_fn, params, state, x, y):
   for _ in range(NUM_STEPS):
-    params, state = step_fn(params, state, x, y)
+    # one step in flight at a time: queued multi-device steps can starve XLA:CPU's threads
+    params, state = jax.block_until_ready(step_fn(params, state, x, y))
   return params, state
 
 

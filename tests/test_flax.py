@@ -360,8 +360,8 @@ def test_nnx_optimizer_update_forwards_obj_fn_with_params_as_plain_arrays():
     return _half_sq_norm(p)
 
   with pytest.raises(TypeError, match='exactly one of obj_fn= and hvp_fn='):
-    optimizer.update(model, grads)  # F3EO cannot run without obj_fn
-  optimizer.update(model, grads, obj_fn=obj_fn)
+    nnx.jit(lambda o, m, g: o.update(m, g))(optimizer, model, grads)  # F3EO needs obj_fn
+  nnx.jit(lambda o, m, g: o.update(m, g, obj_fn=obj_fn))(optimizer, model, grads)
 
   assert isinstance(seen[0], nnx.State)
   assert not any(isinstance(x, nnx.Variable) for x in jax.tree.leaves(seen[0], is_leaf=lambda x: isinstance(x, nnx.Variable)))
@@ -450,7 +450,6 @@ def test_nnx_trap_rngs_stream_advances_so_a_later_obj_fn_draws_another_mask():
     return grads, lambda p: nnx_loss(nnx.merge(graphdef, p, rest_now, copy=True), X, Y)
 
   _assert_nnx_obj_fn_is_wrong(naive_grads_and_obj_fn)
-
   assert _nnx_mismatch(helper_then_more_calls) < TIGHT
 
 

@@ -427,22 +427,30 @@ def write_markdown(results: dict, path: Path) -> None:
            'Written by `python benchmarks/step_time.py` (merged per model). Times are medians over',
            f'interleaved rounds of {HVP_EVERY} steps; ratios are medians of per-round side-by-side ratios.',
            'JAX memory: XLA memory_analysis of the compiled step (args + outputs + temps − donated);',
-           'PyTorch memory: peak-RSS increase during 3 steps over the set-up, in a subprocess.', '']
+           'PyTorch memory: peak-RSS increase during 3 steps over the set-up, in a subprocess.',
+           'XLA GFLOP: `cost_analysis()` of the compiled step, a noise-free count of the work; it counts',
+           'both branches of `lax.cond`, so for `hvp_every=10` it is not the per-step average.', '']
   for name, res in results.items():
     m = res['machine']
     lines += [f'## {name} (batch {res["batch"]}, {res["rounds"]} rounds{", QUICK" if res["quick"] else ""})', '',
               f'Machine: {m["cpu"]}, {m["cores"]} cores, GPU: {m["gpu"] or "none"}, backend {m["jax_backend"]};'
               f' load average at the end {", ".join(f"{x:.1f}" for x in m["load_average"])}; {m["date"]};'
               f' ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()), '',
-              '| variant | step ms (median) | / AdamW (same framework) | XLA GFLOP | peak MiB | compile s |',
-              '|---|---:|---:|---:|---:|---:|']
+              '| variant | step ms (median) | time / AdamW | XLA GFLOP | GFLOP / AdamW | peak MiB |'
+              ' memory / AdamW | compile s |',
+              '|---|---:|---:|---:|---:|---:|---:|---:|']
     for v, e in res['variants'].items():
       base = 'torch_adamw' if v.startswith('torch') else 'adamw'
       ratio = res['ratios'].get(f'{v}/{base}', 1.0 if v == base else float('nan'))
       flops = e.get('flops')
+      base_entry = res['variants'].get(base, {})
+      flop_ratio = '' if flops is None or 'flops' not in base_entry else f'{flops / base_entry["flops"]:.2f}×'
+      mem = e.get('peak_bytes', float('nan'))
+      mem_ratio = mem / base_entry.get('peak_bytes', float('nan'))
+      compile_s = f'{e["compile_s"]:.1f}' if 'compile_s' in e else ''
       lines.append(
           f'| {v} | {e["median_ms"]:.2f} | {ratio:.2f}× | {"" if flops is None else f"{flops / 1e9:.3f}"} |'
-          f' {e.get("peak_bytes", float("nan")) / 2**20:.1f} | {e.get("compile_s", float("nan")):.1f} |'
+          f' {flop_ratio} | {mem / 2**20:.1f} | {mem_ratio:.2f}× | {compile_s} |'
       )
     lines.append('')
     for v in ('f3eo_reference', 'f3eo_reference_linearize', 'adamw'):

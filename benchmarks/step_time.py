@@ -362,11 +362,11 @@ def machine_info() -> dict:
   }
 
 
-def bench_model(name: str, quick: bool, variants: list[str] | None = None) -> dict:
+def bench_model(name: str, quick: bool, variants: list[str] | None = None, rounds: int | None = None) -> dict:
   cfg = CONFIGS[name]
   variants = list(variants or cfg.get('variants', JAX_VARIANTS + TORCH_VARIANTS))
   batch = cfg['quick_batch'] if quick else cfg['batch']
-  rounds = 1 if quick else cfg['rounds']
+  rounds = rounds or (1 if quick else cfg['rounds'])
   print(f'\n== {name}: batch {batch}, {rounds} rounds of {HVP_EVERY} steps per variant', flush=True)
   runners = {}
   info = {}
@@ -472,6 +472,7 @@ def main(argv=None) -> None:
   parser.add_argument('--variants', default=None,
                       help='comma-separated subset of the variants (default: all; ResNet-18: a subset)')
   parser.add_argument('--quick', action='store_true', help='smoke run: tiny batches, one round')
+  parser.add_argument('--rounds', type=int, default=None, help='timed rounds per model (default: per model)')
   parser.add_argument('--no-write', action='store_true', help='print only; do not touch benchmarks/results')
   parser.add_argument('--torch-memory-child', default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -493,7 +494,7 @@ def main(argv=None) -> None:
   json_path, md_path = RESULTS / 'step_time.json', RESULTS / 'step_time.md'
   results = json.loads(json_path.read_text()) if json_path.exists() and not args.no_write else {}
   for name in names:
-    res = bench_model(name, args.quick, variants)
+    res = bench_model(name, args.quick, variants, args.rounds)
     res['targets'] = check_targets(name, res)
     print(f'-- {name}: ' + ', '.join(f'{k} {v:.2f}' for k, v in res['ratios'].items()))
     if name in ('mlp', 'cnn'):

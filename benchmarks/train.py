@@ -91,6 +91,7 @@ class Config:
     check_consistency: passed to F3EO: relative tolerance of ``obj_fn`` against ``g``.
     meta_coef: ``meta_coef`` of the ``'f3eo'`` optimizer (the theory's rule).
     hvp_every: ``hvp_every`` of the ``'f3eo'`` optimizer.
+    meta_clip_norm: ``meta_clip_norm`` of the ``'f3eo'`` optimizer (None: no clipping).
     data_dir: TFDS data directory (TFDS datasets only).
   """
 
@@ -107,6 +108,7 @@ class Config:
   check_consistency: float | None = None
   meta_coef: float = 1.0
   hvp_every: int = 1
+  meta_clip_norm: float | None = None
   data_dir: str | None = None
 
 
@@ -140,7 +142,7 @@ def make_optimizer(
   if name == 'f3eo':
     return f3eo_jax.f3eo(
         lr, weight_decay=wd, meta_coef=config.meta_coef, hvp_every=config.hvp_every,
-        check_consistency=config.check_consistency,
+        meta_clip_norm=config.meta_clip_norm, check_consistency=config.check_consistency,
     )
   if name == 'f3eo_hvp10':
     return f3eo_jax.f3eo(

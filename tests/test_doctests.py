@@ -7,10 +7,8 @@ import importlib
 
 import pytest
 
-# f3eo_jax.flax has its own tests (issue 4); its examples run eagerly through Flax and
-# take most of a minute on a small CPU, so they are not repeated here.
-MODULES = ['f3eo_jax', 'f3eo_jax.alias', 'f3eo_jax.hvp', 'f3eo_jax.transform']
-MUST_HAVE_EXAMPLES = {'f3eo_jax.hvp', 'f3eo_jax.transform', 'f3eo_jax.alias'}
+MODULES = ['f3eo_jax', 'f3eo_jax.alias', 'f3eo_jax.hvp', 'f3eo_jax.transform', 'f3eo_jax.flax']
+MUST_HAVE_EXAMPLES = {'f3eo_jax.hvp', 'f3eo_jax.transform', 'f3eo_jax.alias', 'f3eo_jax.flax'}
 
 
 @pytest.mark.parametrize('module_name', MODULES)

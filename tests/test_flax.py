@@ -437,7 +437,6 @@ def test_nnx_obj_fn_hessian_vector_product_matches_dense_hessian():
 
   grads, hg = run(model)
   direct_loss = lambda p: nnx_loss(nnx.merge(graphdef, p, rest, copy=True), X, Y)
-  assert _rel_err(grads, jax.jit(jax.grad(direct_loss))(params)) < 1e-6
   want = _dense_hvp(direct_loss, params, grads)
   hg = jax.flatten_util.ravel_pytree(hg)[0]
   assert np.linalg.norm(hg - want) <= 1e-4 * np.linalg.norm(want)

@@ -111,6 +111,13 @@ def _resolve_mask(mask: MaskOrFn, params: PyTree, updates: PyTree) -> PyTree | N
     ) from e
 
 
+def _zero_outside(leaf_mask: PyTree | None, tree: PyTree) -> PyTree:
+  """Zeroes the leaves of ``tree`` where ``leaf_mask`` is False (no mask: unchanged)."""
+  if leaf_mask is None:
+    return tree
+  return jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), leaf_mask, tree)
+
+
 def _check_like(name: str, tree: PyTree, reference: PyTree) -> None:
   """Raises at trace time unless ``tree`` has the structure and shapes of ``reference``."""
   ts, rs = jax.tree.structure(tree), jax.tree.structure(reference)
@@ -254,10 +261,7 @@ def add_meta_gradient(
       )
     grads = updates
     leaf_mask = _resolve_mask(mask, params, grads)
-    if leaf_mask is None:
-      g = grads
-    else:
-      g = jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), leaf_mask, grads)
+    g = _zero_outside(leaf_mask, grads)
 
     def compute_hvp() -> tuple[PyTree, jax.Array]:
       mismatch = jnp.zeros((), jnp.float32)
@@ -293,8 +297,7 @@ def add_meta_gradient(
     else:
       hg, mismatch = compute_hvp()
 
-    if leaf_mask is not None:
-      hg = jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), leaf_mask, hg)
+    hg = _zero_outside(leaf_mask, hg)
     meta = jax.tree.map(lambda h: meta_coef * _upcast(h), hg)
     if meta_clip_norm is not None:
       meta_norm = jnp.sqrt(_tree_vdot(meta, meta))

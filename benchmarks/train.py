@@ -46,6 +46,7 @@ import numpy as np
 import optax
 
 import f3eo_jax
+from f3eo_jax import flax as f3eo_flax
 from benchmarks import data as data_lib
 from benchmarks import models
 
@@ -215,20 +216,19 @@ def train_step(
     ``cos_g_hg`` (cos(g, H·g); NaN for optimizers that do not compute ``H·g``).
   """
 
-  def loss_fn(params):
-    logits, mutated = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats},
-        x,
-        train=True,
-        rngs={'dropout': dropout_key},
-        mutable=['batch_stats'],
-    )
-    return models.cross_entropy(logits, y), (logits, mutated.get('batch_stats', {}))
-
   tx = make_optimizer(config, learning_rate)
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  ((loss, logits), model_state), grads, obj_fn = f3eo_flax.linen_value_grad_and_obj_fn(
+      model.apply,
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      lambda logits: (models.cross_entropy(logits, y), logits),
+      x,
+      train=True,
+      rngs={'dropout': dropout_key},
+      mutable=['batch_stats'],
+      has_aux=True,
+  )
+  batch_stats = model_state.get('batch_stats', {})
   if config.optimizer in F3EO_FAMILY:
-    obj_fn = lambda p: loss_fn(p)[0]
     updates, opt_state = tx.update(grads, state.opt_state, state.params, obj_fn=obj_fn)
     diag = f3eo_jax.diagnostics(opt_state)
     grad_sq_norm, cos_g_hg = diag['grad_sq_norm'], diag['cos_g_hg']

@@ -2,40 +2,47 @@
 
 Public API:
 
-- :func:`hvp`, :func:`grad_and_hvp`, :func:`value_grad_and_hvp`: matrix-free
-  Hessian-vector products.
-- :func:`add_meta_gradient`: the transform ``g ↦ g + (c·H·g)⊥``.
-- :func:`f3eo`: the theory's rule followed by AdamW; :func:`f3eo_reference`: the
-  published PyTorch rule, step for step.
-- :func:`diagnostics`: the last step's ``‖g‖²``, ``⟨g, H·g⟩``, ``‖H·g‖``, ``‖m⊥‖`` and
-  ``cos(g, H·g)``.
+- :func:`f3eo`: the theory's rule, capped so that it trains, followed by AdamW;
+  :func:`f3eo_reference`: the published PyTorch rule, step for step.
+- :func:`add_meta_gradient`: the transform ``g ↦ g + (c·H·g)⊥``, for your own chains.
+- :func:`hvp`, :func:`grad_and_hvp`, :func:`value_grad_and_hvp`,
+  :func:`accumulated_value_grad_and_hvp`: matrix-free Hessian-vector products.
+- :func:`diagnostics`: the last update's ``‖g‖²``, ``⟨g, H·g⟩``, ``‖H·g‖``, ``‖m⊥‖``,
+  ``cos(g, H·g)``, the cap's scale and the safety counters;
+  :func:`raise_on_mismatch`: the gradient check, turned into an exception on the host.
 
 Flax helpers live in :mod:`f3eo_jax.flax` (needs the ``flax`` extra).
 """
 
-from f3eo_jax.alias import ScaleByAmsgradState, f3eo, f3eo_reference, scale_by_amsgrad_torch
-from f3eo_jax.hvp import grad_and_hvp, hvp, value_grad_and_hvp
+from f3eo_jax.alias import DEFAULT_META_MAX_RATIO, f3eo, f3eo_reference
+from f3eo_jax.hvp import accumulated_value_grad_and_hvp, grad_and_hvp, hvp, value_grad_and_hvp
 from f3eo_jax.transform import (
     GradientMismatchError,
     MetaGradientDiagnostics,
     MetaGradientState,
+    ScaleByAmsgradState,
     add_meta_gradient,
     diagnostics,
+    raise_on_mismatch,
+    scale_by_amsgrad_torch,
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
+    'DEFAULT_META_MAX_RATIO',
     'GradientMismatchError',
     'MetaGradientDiagnostics',
     'MetaGradientState',
     'ScaleByAmsgradState',
+    'accumulated_value_grad_and_hvp',
     'add_meta_gradient',
     'diagnostics',
     'f3eo',
     'f3eo_reference',
     'grad_and_hvp',
     'hvp',
+    'raise_on_mismatch',
     'scale_by_amsgrad_torch',
     'value_grad_and_hvp',
 ]

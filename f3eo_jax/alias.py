@@ -2,59 +2,93 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
-from f3eo_jax.transform import MaskOrFn, Projection, add_meta_gradient
+from f3eo_jax._types import AxisName, MaskOrFn, Projection, ScalarLike
+from f3eo_jax.transform import _check_bool, add_meta_gradient, scale_by_amsgrad_torch
 
-PyTree = Any
+__all__ = ['DEFAULT_META_MAX_RATIO', 'f3eo', 'f3eo_reference']
+
+DEFAULT_META_MAX_RATIO = 0.1
+"""The relative cap ``ρ`` of :func:`f3eo` by default (see its docstring)."""
+
+
+def _adamw_tail(
+    learning_rate: optax.ScalarOrSchedule,
+    scale_by_moments: optax.GradientTransformation,
+    weight_decay: ScalarLike,
+    weight_decay_mask: MaskOrFn,
+) -> tuple[optax.GradientTransformation, ...]:
+  """What ``optax.adamw`` does after its moments: decoupled weight decay, then the lr."""
+  return (
+      scale_by_moments,
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def f3eo(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    b1: ScalarLike = 0.9,
+    b2: ScalarLike = 0.999,
+    eps: ScalarLike = 1e-8,
+    weight_decay: ScalarLike = 1e-4,
     *,
-    meta_coef: float = 1.0,
+    mu_dtype: Any | None = None,
+    weight_decay_mask: MaskOrFn = None,
+    meta_coef: ScalarLike = 1.0,
     orthogonalize: bool = True,
     projection: Projection = 'global',
-    meta_clip_norm: float | None = None,
+    meta_clip_norm: ScalarLike | None = None,
+    meta_max_ratio: ScalarLike | None = DEFAULT_META_MAX_RATIO,
     hvp_every: int = 1,
-    mask: MaskOrFn = None,
-    axis_name: str | tuple[str, ...] | None = None,
-    check_consistency: float | None = None,
+    meta_mask: MaskOrFn = None,
+    axis_name: AxisName | None = None,
+    check_consistency: ScalarLike | None = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
-  """F3EO: AdamW on the gradient plus its orthogonalised meta-gradient ``H·g``.
+  """F3EO: AdamW on the gradient plus its orthogonal, capped meta-gradient ``H·g``.
 
-  The effective gradient ``e = g + (meta_coef·H·g)⊥`` of
-  :func:`f3eo_jax.add_meta_gradient` goes through ``scale_by_adam``, decoupled weight
-  decay and the learning rate, exactly as ``optax.adamw`` treats a gradient. The
-  defaults follow the theory note: ``+H·g`` (descend on the Fisher trace), global
-  projection, no clipping. For the published PyTorch rule use :func:`f3eo_reference`.
+  The effective gradient ``e = g + m⊥`` of :func:`f3eo_jax.add_meta_gradient` goes
+  through ``scale_by_adam``, decoupled weight decay and the learning rate, exactly as
+  ``optax.adamw`` treats a gradient: with ``meta_coef=0`` this *is*
+  ``optax.adamw(learning_rate, b1, b2, eps, weight_decay, mask=weight_decay_mask)``.
+
+  The meta term follows the theory's rule: ``m = +H·g`` (descend on the Fisher-trace
+  estimate ``½‖g‖²``), projected orthogonally to ``g`` over the whole pytree, and
+  capped relative to the gradient, ``‖m⊥‖ ≤ ρ‖g‖`` with ``ρ = meta_max_ratio``. The
+  cap is what makes the rule train: uncapped, ``H·g`` can be orders of magnitude
+  larger than ``g``, Adam normalises the sum and the step then follows ``m⊥``, which
+  is orthogonal to ``g`` and does not descend the loss. ``meta_max_ratio=None`` gives
+  the exact uncapped rule of the theory note. For the published PyTorch rule use
+  :func:`f3eo_reference`.
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
     b1: decay of the first moment.
     b2: decay of the second moment.
     eps: added to the denominator, outside the square root.
-    weight_decay: decoupled weight decay, ``p ← p − lr·wd·p``.
-    meta_coef: see :func:`f3eo_jax.add_meta_gradient`; so are the keywords below.
+    weight_decay: decoupled weight decay, ``p ← p − lr·wd·p``; the default is
+      ``optax.adamw``'s.
+    mu_dtype: dtype of the first moment, as in ``optax.adamw``.
+    weight_decay_mask: where weight decay applies, with ``optax.adamw``'s ``mask``
+      meaning (a bool pytree, or a function of the params).
+    meta_coef: the signed coefficient of ``H·g``; see
+      :func:`f3eo_jax.add_meta_gradient`, which documents the keywords below.
     orthogonalize: remove the component of the meta term along ``g``.
     projection: ``'global'`` or ``'per_leaf'``.
-    meta_clip_norm: clip the meta term's global norm before projection.
-    hvp_every: compute ``H·g`` every ``k`` steps and reuse it in between.
-    mask: where the meta term applies (a bool pytree or a function of params).
+    meta_clip_norm: clip the meta term's global norm before the projection.
+    meta_max_ratio: the relative cap ``ρ``; ``None`` for the uncapped rule.
+    hvp_every: refresh ``H·g`` every ``k`` updates and reuse it in between.
+    meta_mask: where the meta term applies (a bool pytree or a function of params).
     axis_name: mapped axis over which to average ``H·g`` (``shard_map``/``pmap``).
-    check_consistency: relative tolerance for checking ``obj_fn`` against ``g``.
+    check_consistency: relative tolerance of the check that ``obj_fn``'s gradient is
+      ``g``; ``None`` disables it.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``obj_fn=`` or
-    ``hvp_fn=``.
+    ``hvp_fn=`` (see :func:`f3eo_jax.add_meta_gradient`).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -76,87 +110,42 @@ def f3eo(
           orthogonalize=orthogonalize,
           projection=projection,
           meta_clip_norm=meta_clip_norm,
+          meta_max_ratio=meta_max_ratio,
           hvp_every=hvp_every,
-          mask=mask,
+          meta_mask=meta_mask,
           axis_name=axis_name,
           check_consistency=check_consistency,
       ),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      *_adamw_tail(
+          learning_rate,
+          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+          weight_decay,
+          weight_decay_mask,
+      ),
   )
-
-
-class ScaleByAmsgradState(NamedTuple):
-  """State of the PyTorch-style AMSGrad moment estimates."""
-
-  count: jax.Array  # int32 scalar: steps taken.
-  mu: optax.Updates  # first moment, like the params.
-  nu: optax.Updates  # second moment, like the params.
-  nu_max: optax.Updates  # running maximum of the raw (not bias-corrected) nu.
-
-
-def scale_by_amsgrad_torch(
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-) -> optax.GradientTransformation:
-  """AMSGrad as ``torch.optim.Adam(W)(amsgrad=True)`` computes it.
-
-  PyTorch keeps the maximum of the raw second moment ``v`` and bias-corrects that
-  maximum with the current step: ``m̂ / (√max(v) / √(1−β2ᵗ) + ε)``. This differs from
-  ``optax.scale_by_amsgrad``, which takes the maximum of the bias-corrected ``v̂``;
-  exact parity with the published F3EO needs PyTorch's order.
-
-  Args:
-    b1: decay of the first moment.
-    b2: decay of the second moment.
-    eps: added to the denominator.
-
-  Returns:
-    An ``optax.GradientTransformation``.
-  """
-
-  def init_fn(params):
-    zeros = optax.tree.zeros_like(params)
-    return ScaleByAmsgradState(
-        count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros, nu_max=zeros
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
-    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
-    nu_max = jax.tree.map(jnp.maximum, state.nu_max, nu)
-    count = optax.safe_int32_increment(state.count)
-    # Default float dtype, as optax.tree.bias_correction: float32 would cap float64 runs at ~1e-6.
-    bc1 = 1 - b1**count
-    bc2 = 1 - b2**count
-    new_updates = jax.tree.map(
-        lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + eps),
-        mu,
-        nu_max,
-    )
-    return new_updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def f3eo_reference(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    b1: ScalarLike = 0.9,
+    b2: ScalarLike = 0.999,
+    eps: ScalarLike = 1e-8,
+    weight_decay: ScalarLike = 0.0,
     amsgrad: bool = False,
     *,
-    mask: MaskOrFn = None,
-    axis_name: str | tuple[str, ...] | None = None,
+    mu_dtype: Any | None = None,
+    weight_decay_mask: MaskOrFn = None,
+    meta_mask: MaskOrFn = None,
+    axis_name: AxisName | None = None,
+    check_consistency: ScalarLike | None = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
   """The published PyTorch F3EO rule, step for step.
 
   ``m = −2·H·g`` (the gradient of ``‖g‖²``, ascended), its global norm clipped to 1,
   projected per parameter tensor against that tensor's gradient, ``e = g + m⊥``
   (that is, ``g − (2·H·g)⊥``), then AdamW: decoupled weight decay, bias-corrected
-  moments, ``ε`` outside the square root, and optionally PyTorch's AMSGrad.
+  moments, ``ε`` outside the square root, and optionally PyTorch's AMSGrad. The
+  defaults are PyTorch's (``lr=1e-3``, no weight decay).
 
   Args:
     learning_rate: a float or an ``optax`` schedule.
@@ -165,10 +154,15 @@ def f3eo_reference(
     eps: added to the denominator.
     weight_decay: decoupled weight decay.
     amsgrad: use the maximum of past second moments, as PyTorch does.
-    mask: where the meta term applies (a bool pytree, or a function of params); the
-      other leaves get plain AdamW on ``g``. See :func:`f3eo_jax.add_meta_gradient`.
+    mu_dtype: dtype of the first moment, as in ``optax.adamw``.
+    weight_decay_mask: where weight decay applies (``optax.adamw``'s ``mask``).
+    meta_mask: where the meta term applies (a bool pytree, or a function of params);
+      the other leaves get plain AdamW on ``g``. See
+      :func:`f3eo_jax.add_meta_gradient`.
     axis_name: mapped axis over which to average ``H·g`` (``shard_map``/``pmap``
-      with local gradients); see :func:`f3eo_jax.add_meta_gradient`.
+      with local gradients).
+    check_consistency: relative tolerance of the check that ``obj_fn``'s gradient is
+      ``g``; ``None`` disables it. It never changes a step whose ``obj_fn`` is right.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its ``update`` needs ``obj_fn=`` or
@@ -178,14 +172,20 @@ def f3eo_reference(
     >>> import f3eo_jax
     >>> tx = f3eo_jax.f3eo_reference(1e-3, weight_decay=5e-4)
   """
+  _check_bool('amsgrad', amsgrad)
   scale_by_moments = (
-      scale_by_amsgrad_torch(b1, b2, eps) if amsgrad else optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
+      scale_by_amsgrad_torch(b1, b2, eps, mu_dtype=mu_dtype)
+      if amsgrad
+      else optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   )
   return optax.chain(
       add_meta_gradient(
-          -2.0, projection='per_leaf', meta_clip_norm=1.0, mask=mask, axis_name=axis_name
+          -2.0,
+          projection='per_leaf',
+          meta_clip_norm=1.0,
+          meta_mask=meta_mask,
+          axis_name=axis_name,
+          check_consistency=check_consistency,
       ),
-      scale_by_moments,
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+      *_adamw_tail(learning_rate, scale_by_moments, weight_decay, weight_decay_mask),
   )

@@ -155,11 +155,14 @@ def meta_gradient_reference(
     orthogonalize: bool = True,
     projection: str = 'global',
     meta_clip_norm: float | None = None,
+    meta_max_ratio: float | None = None,
     mask: np.ndarray | None = None,
     hg: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
-  """SPEC §2 in numpy: the effective gradient ``e = g + (c·H·g)⊥`` and the diagnostics.
+  """The rule in numpy: the effective gradient ``e = g + (c·H·g)⊥`` and the diagnostics.
 
+  Clip (global norm of ``m``, before the projection), projection (over the tree or per
+  leaf), relative cap (``‖m⊥‖ ≤ ρ‖g‖`` over the same segments as the projection).
   ``mask`` is a bool per coordinate; outside it ``g`` passes unchanged and the tangent
   of the Hessian-vector product is zero. ``hg`` overrides ``H·g`` (a stored product).
   """
@@ -171,17 +174,23 @@ def meta_gradient_reference(
   m = meta_coef * hg
   if meta_clip_norm is not None:
     m = m * min(1.0, meta_clip_norm / (np.linalg.norm(m) + 1e-6))
-  if orthogonalize:
-    if projection == 'global':
-      segments = [slice(0, g.size)]
-    else:
-      bounds = np.cumsum([0, *leaf_sizes])
-      segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    m = m.copy()
-    for s in segments:
-      gg = g[s] @ g[s]
-      if gg > 0:
-        m[s] -= (m[s] @ g[s]) / gg * g[s]
+  if projection == 'global':
+    segments = [slice(0, g.size)]
+  else:
+    bounds = np.cumsum([0, *leaf_sizes])
+    segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+  m = m.copy()
+  uncapped_sq, capped = 0.0, False
+  for s in segments:
+    gg = g[s] @ g[s]
+    if orthogonalize and gg > 0:
+      m[s] -= (m[s] @ g[s]) / gg * g[s]
+    uncapped_sq += m[s] @ m[s]
+    if meta_max_ratio is not None:
+      norm = np.linalg.norm(m[s])
+      if norm > meta_max_ratio * np.sqrt(gg):
+        m[s] *= meta_max_ratio * np.sqrt(gg) / norm
+        capped = True
   grad_sq_norm = g @ g
   hg_norm = np.linalg.norm(hg)
   denom = np.sqrt(grad_sq_norm) * hg_norm
@@ -191,6 +200,8 @@ def meta_gradient_reference(
       'hg_norm': hg_norm,
       'meta_norm': np.linalg.norm(m),
       'cos_g_hg': (g @ hg) / denom if denom > 0 else 0.0,
+      'cap_scale': np.sqrt(m @ m / uncapped_sq) if uncapped_sq > 0 else 1.0,
+      'cap_bound': capped,
   }
   return grads + m, diagnostics
 

@@ -46,7 +46,9 @@ def test_f3eo_equals_adamw_applied_to_the_effective_gradient(x64, make_mlp, dens
   params, loss_fn = make_mlp('tanh')
   schedule = optax.cosine_decay_schedule(0.05, decay_steps=NUM_STEPS, alpha=0.1)
   adam_options = dict(b1=0.8, b2=0.95, eps=1e-6)
-  meta_options = dict(meta_coef=-0.5, projection='per_leaf', meta_clip_norm=0.05)
+  meta_options = dict(
+      meta_coef=-0.5, projection='per_leaf', meta_clip_norm=0.05, meta_max_ratio=0.3
+  )
 
   f3eo = f3eo_jax.f3eo(schedule, **adam_options, weight_decay=0.1, **meta_options)
   separately = optax.chain(

@@ -17,20 +17,21 @@ import f3eo_jax
 
 META_COEFS = (1.0, -2.0, 0.37)
 PROJECTIONS = ('global', 'per_leaf')
-DIAGNOSTICS = ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm', 'cos_g_hg')
+DIAGNOSTICS = ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm', 'cos_g_hg', 'cap_scale')
 
 
 def _jitted_meta_gradient(loss_fn, **options):
-  """``(params, meta_coef, meta_clip_norm) -> (g, e, diagnostics)``, compiled once.
+  """``(params, meta_coef, meta_clip_norm, meta_max_ratio=None) -> (g, e, diagnostics)``.
 
-  ``meta_coef`` and ``meta_clip_norm`` are traced arguments, so one compilation serves
-  every value tried; ``meta_clip_norm=None`` is an empty pytree, so no clipping (and a
-  second compilation).
+  The hyperparameters are traced arguments, so one compilation serves every value
+  tried; ``None`` is an empty pytree, so no clipping or cap (and another compilation).
   """
 
   @jax.jit
-  def step(params, meta_coef, meta_clip_norm):
-    tx = f3eo_jax.add_meta_gradient(meta_coef, meta_clip_norm=meta_clip_norm, **options)
+  def step(params, meta_coef, meta_clip_norm, meta_max_ratio=None):
+    tx = f3eo_jax.add_meta_gradient(
+        meta_coef, meta_clip_norm=meta_clip_norm, meta_max_ratio=meta_max_ratio, **options
+    )
     g = jax.grad(loss_fn)(params)
     e, state = tx.update(g, tx.init(params), params, obj_fn=loss_fn)
     return g, e, f3eo_jax.diagnostics(state)
@@ -44,8 +45,12 @@ def _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostic
     np.testing.assert_allclose(
         diagnostics[name], expected_diagnostics[name], rtol=1e-5, atol=1e-9, err_msg=name
     )
-  assert diagnostics['grad_mismatch'] == 0.0  # not computed unless check_consistency is set
-  assert all(d.dtype == jnp.float32 for d in diagnostics.values())
+  # The default gradient check ran (obj_fn is the loss of g) and passed.
+  assert diagnostics['grad_mismatch'] <= 1e-12
+  assert diagnostics['mismatch_count'] == 0 and diagnostics['nonfinite_count'] == 0
+  assert diagnostics['cap_count'] == int(expected_diagnostics['cap_bound'])
+  for name, value in diagnostics.items():
+    assert value.dtype == (jnp.int32 if name.endswith('_count') else jnp.float32), name
   assert jax.tree.structure(e) == jax.tree.structure(g)
 
 
@@ -97,6 +102,99 @@ def test_meta_term_is_clipped_to_meta_clip_norm_before_projection(x64, make_mlp,
     np.testing.assert_allclose(dense.ravel(e_loose), unclipped, rtol=1e-9, atol=1e-12)
 
 
+def _ratio_of_meta_to_grad(reference, dense, params, **options):
+  """``‖m⊥‖ / ‖g‖`` of the uncapped reference rule (per leaf: the largest ratio)."""
+  e, _ = dense.meta_gradient(reference.hessian, reference.grad, dense.leaf_sizes(params),
+                             **options)
+  meta, g = e - reference.grad, reference.grad
+  if options.get('projection') == 'per_leaf':
+    bounds = np.cumsum([0, *dense.leaf_sizes(params)])
+    return max(np.linalg.norm(meta[a:b]) / np.linalg.norm(g[a:b])
+               for a, b in zip(bounds[:-1], bounds[1:]))
+  return np.linalg.norm(meta) / np.linalg.norm(g)
+
+
+@pytest.mark.parametrize('orthogonalize', [True, False])
+@pytest.mark.parametrize('projection', PROJECTIONS)
+def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
+    x64, make_mlp, dense, projection, orthogonalize
+):
+  params, loss_fn = make_mlp('tanh')
+  reference = dense.derivatives(loss_fn, params)
+  step = _jitted_meta_gradient(loss_fn, projection=projection, orthogonalize=orthogonalize)
+
+  for meta_coef in META_COEFS:
+    options = dict(meta_coef=meta_coef, projection=projection, orthogonalize=orthogonalize)
+    ratio = _ratio_of_meta_to_grad(reference, dense, params, **options)
+    binding, loose = 0.3 * ratio, 3.0 * ratio
+    for meta_max_ratio in (binding, loose):
+      g, e, diagnostics = step(params, meta_coef, None, meta_max_ratio)
+
+      expected_e, expected_diagnostics = dense.meta_gradient(
+          reference.hessian, reference.grad, dense.leaf_sizes(params),
+          meta_max_ratio=meta_max_ratio, **options,
+      )
+      _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
+      assert expected_diagnostics['cap_bound'] == (meta_max_ratio == binding)
+    # With the cap binding, ‖m⊥‖ = ρ‖g‖ exactly (global), or at most per leaf.
+    _, e, diagnostics = step(params, meta_coef, None, binding)
+    meta_norm = np.linalg.norm(dense.ravel(e) - reference.grad)
+    bound = binding * np.linalg.norm(reference.grad)
+    if projection == 'global':
+      np.testing.assert_allclose(meta_norm, bound, rtol=1e-9)
+    else:
+      assert meta_norm <= bound * (1 + 1e-9)
+    assert diagnostics['cap_scale'] < 1
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+def test_relative_cap_applies_after_the_absolute_clip_and_outside_the_mask_leaves_g(
+    x64, make_mlp, dense, projection
+):
+  params, loss_fn = make_mlp('tanh')
+  reference = dense.derivatives(loss_fn, params)
+  mask = MASKS['bool_tree']
+  coordinate_mask = dense.mask_per_coordinate(_leaf_mask(mask, params))
+  step = _jitted_meta_gradient(loss_fn, projection=projection, meta_mask=mask)
+  hg_norm = np.linalg.norm(reference.hessian @ np.where(coordinate_mask, reference.grad, 0))
+
+  for meta_coef, clip, rho in ((1.0, 0.5 * hg_norm, 0.05), (-2.0, 10 * hg_norm, 0.05),
+                               (0.37, 0.2 * hg_norm, 10.0)):
+    g, e, diagnostics = step(params, meta_coef, clip, rho)
+
+    expected_e, expected_diagnostics = dense.meta_gradient(
+        reference.hessian, reference.grad, dense.leaf_sizes(params), meta_coef=meta_coef,
+        projection=projection, meta_clip_norm=clip, meta_max_ratio=rho, mask=coordinate_mask,
+    )
+    _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
+
+
+def test_relative_cap_applies_to_the_stored_product_on_every_update(x64, make_mlp, dense):
+  # hvp_every=3: updates 1 and 2 reuse update 0's product, projected and capped against
+  # their own gradients (here: the gradient at other params).
+  params, loss_fn = make_mlp('tanh')
+  other_params = jax.tree.map(lambda p: 1.3 * p, params)
+  reference = dense.derivatives(loss_fn, params)
+  later = dense.derivatives(loss_fn, other_params)
+  stored_hg = reference.hessian @ reference.grad
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  rho = 0.1
+  for projection in PROJECTIONS:
+    tx = f3eo_jax.add_meta_gradient(
+        projection=projection, meta_max_ratio=rho, hvp_every=3, check_consistency=None)
+    state = tx.init(params)
+    _, state = tx.update(unravel(reference.grad), state, params, obj_fn=loss_fn)
+    for _ in range(2):
+      e, state = tx.update(unravel(later.grad), state, other_params, obj_fn=loss_fn)
+
+      expected_e, _ = dense.meta_gradient(
+          later.hessian, later.grad, dense.leaf_sizes(params), projection=projection,
+          meta_max_ratio=rho, hg=stored_hg,
+      )
+      np.testing.assert_allclose(dense.ravel(e), expected_e, rtol=1e-9, atol=1e-12)
+    assert f3eo_jax.diagnostics(state)['cap_count'] == 3
+
+
 def test_unorthogonalized_meta_term_is_coef_times_hessian_times_gradient(x64, make_mlp, dense):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -142,7 +240,9 @@ def test_per_leaf_projection_leaves_a_zero_gradient_leaf_unprojected(x64, make_m
   hg_bias = unravel(reference.hessian @ g_flat)['layer_1']['b']
   np.testing.assert_allclose(e['layer_1']['b'], -2.0 * hg_bias, rtol=1e-9, atol=1e-12)
   assert np.linalg.norm(hg_bias) > 1e-3  # the unprojected term is really there
-  assert all(np.isfinite(v) for v in f3eo_jax.diagnostics(state).values())
+  diagnostics = f3eo_jax.diagnostics(state)
+  assert np.isnan(diagnostics.pop('grad_mismatch'))  # hvp_fn: nothing to check g against
+  assert all(np.isfinite(v) for v in diagnostics.values())
 
 
 # Masks: outside the mask, plain g, and a zero tangent in the Hessian-vector product.
@@ -180,7 +280,7 @@ def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
   reference = dense.derivatives(loss_fn, params)
   leaf_mask = _leaf_mask(MASKS[mask_kind], params)
   coordinate_mask = dense.mask_per_coordinate(leaf_mask)
-  step = _jitted_meta_gradient(loss_fn, projection=projection, mask=MASKS[mask_kind])
+  step = _jitted_meta_gradient(loss_fn, projection=projection, meta_mask=MASKS[mask_kind])
 
   # A loose clip (1e3) and a binding one (0.05): one compilation for both.
   for meta_coef, meta_clip_norm in ((1.0, 1e3), (-2.0, 0.05), (0.37, 1e3)):
@@ -202,7 +302,7 @@ def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
 
 def test_hvp_fn_receives_a_tangent_that_is_zero_outside_the_mask(make_mlp):
   params, loss_fn = make_mlp('tanh', dtype=jnp.float32)
-  tx = f3eo_jax.add_meta_gradient(mask=MASKS['prefix'])
+  tx = f3eo_jax.add_meta_gradient(meta_mask=MASKS['prefix'])
 
   @jax.jit
   def tangent_seen_by_hvp_fn(params):
@@ -314,29 +414,40 @@ def _consistency_checked_step(loss_fn, obj_fn):
   @jax.jit
   def step(params):
     g = jax.grad(loss_fn)(params)
-    _, state = tx.update(g, tx.init(params), params, obj_fn=obj_fn)
-    return f3eo_jax.diagnostics(state)
+    e, state = tx.update(g, tx.init(params), params, obj_fn=obj_fn)
+    return g, e, state
 
   return step
 
 
-def test_check_consistency_raises_on_an_obj_fn_of_another_batch(x64, make_mlp):
+def test_check_consistency_drops_the_meta_term_of_an_obj_fn_of_another_batch(x64, make_mlp):
   params, loss_fn = make_mlp('tanh')
   _, other_batch_loss = make_mlp('tanh', data_seed=2)
   step = _consistency_checked_step(loss_fn, obj_fn=other_batch_loss)
 
-  # Raised from a host callback: under jit it arrives wrapped in a JAX runtime error.
-  with pytest.raises(Exception, match=r'GradientMismatchError[\s\S]*check_consistency=1e-06'):
-    jax.block_until_ready(step(params))
+  g, e, state = step(params)  # returns normally, under jit
+
+  np.testing.assert_array_equal(dense_ravel(e), dense_ravel(g))  # meta term dropped: e = g
+  diagnostics = f3eo_jax.diagnostics(state)
+  assert diagnostics['mismatch_count'] == 1 and diagnostics['grad_mismatch'] > 0.1
+  with pytest.raises(f3eo_jax.GradientMismatchError, match=r'1 update\(s\)[\s\S]*MultiSteps'):
+    f3eo_jax.raise_on_mismatch(state)
 
 
 def test_check_consistency_accepts_the_loss_that_produced_the_gradient(x64, make_mlp):
   params, loss_fn = make_mlp('tanh')
   step = _consistency_checked_step(loss_fn, obj_fn=lambda p: loss_fn(p))
 
-  diagnostics = jax.block_until_ready(step(params))
+  g, e, state = step(params)
 
-  assert diagnostics['grad_mismatch'] <= 1e-12
+  diagnostics = f3eo_jax.diagnostics(state)
+  assert diagnostics['grad_mismatch'] <= 1e-12 and diagnostics['mismatch_count'] == 0
+  assert not np.allclose(dense_ravel(e), dense_ravel(g))  # the meta term is there
+  f3eo_jax.raise_on_mismatch(state)  # does not raise
+
+
+def dense_ravel(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 # Errors: raised early, naming the fix or the bad value.
@@ -399,29 +510,43 @@ def test_update_rejects_an_hvp_fn_whose_output_does_not_match_the_gradients(bad_
     jax.eval_shape(lambda g: tx.update(g, tx.init(params), params, hvp_fn=bad_hvp_fn), g)
 
 
-@pytest.mark.parametrize(
-    'options,match',
-    [
-        ({'projection': 'foo'}, "'foo'"),
-        ({'hvp_every': 0}, 'hvp_every.*0'),
-        ({'hvp_every': 1.5}, 'hvp_every.*1.5'),
-        ({'hvp_every': True}, 'hvp_every.*True'),
-        ({'meta_clip_norm': -1.0}, 'meta_clip_norm.*-1'),
-        ({'meta_clip_norm': 0.0}, 'meta_clip_norm.*0'),
-        ({'meta_coef': float('nan')}, 'meta_coef.*nan'),
-        ({'check_consistency': -1e-3}, 'check_consistency.*-0.001'),
-        ({'mask': {'w': 1.0, 'b': 0.0}}, 'mask.*bools'),
-    ],
-    ids=[
-        'projection_foo', 'hvp_every_0', 'hvp_every_1.5', 'hvp_every_bool', 'meta_clip_norm_-1',
-        'meta_clip_norm_0', 'meta_coef_nan', 'check_consistency_negative', 'mask_of_floats',
-    ],
-)
-def test_bad_hyperparameters_raise_at_construction_naming_the_value(options, match):
-  with pytest.raises(ValueError, match=match):
+BAD_OPTIONS = {
+    'projection_foo': ({'projection': 'foo'}, ValueError, "'foo'"),
+    'hvp_every_0': ({'hvp_every': 0}, ValueError, 'hvp_every.*0'),
+    'hvp_every_1.5': ({'hvp_every': 1.5}, TypeError, 'hvp_every.*1.5'),
+    'hvp_every_bool': ({'hvp_every': True}, TypeError, 'hvp_every.*True'),
+    'hvp_every_2**40': ({'hvp_every': 2**40}, ValueError, 'hvp_every.*1099511627776'),
+    'meta_clip_norm_-1': ({'meta_clip_norm': -1.0}, ValueError, 'meta_clip_norm.*-1'),
+    'meta_clip_norm_0': ({'meta_clip_norm': 0.0}, ValueError, 'meta_clip_norm.*0'),
+    'meta_max_ratio_-0.1': ({'meta_max_ratio': -0.1}, ValueError, 'meta_max_ratio.*-0.1'),
+    'meta_max_ratio_str': ({'meta_max_ratio': '0.1'}, TypeError, "meta_max_ratio.*'0.1'"),
+    'meta_coef_nan': ({'meta_coef': float('nan')}, ValueError, 'meta_coef.*nan'),
+    'meta_coef_str': ({'meta_coef': '1.0'}, TypeError, "meta_coef.*'1.0'"),
+    'meta_coef_none': ({'meta_coef': None}, TypeError, 'meta_coef.*None'),
+    'meta_coef_vector': ({'meta_coef': np.ones(2)}, TypeError, r'meta_coef.*array\(\[1., 1.\]\)'),
+    'meta_coef_complex': ({'meta_coef': 1j}, TypeError, 'meta_coef.*1j'),
+    'orthogonalize_str': ({'orthogonalize': 'no'}, TypeError, "orthogonalize.*'no'"),
+    'check_consistency_negative': ({'check_consistency': -1e-3}, ValueError,
+                                   'check_consistency.*-0.001'),
+    'meta_mask_of_floats': ({'meta_mask': {'w': 1.0, 'b': 0.0}}, TypeError, 'meta_mask.*bools'),
+    'meta_mask_of_arrays': ({'meta_mask': {'w': np.ones((3, 3), bool), 'b': True}}, TypeError,
+                            r'meta_mask[\s\S]*Per-element'),
+    'axis_name_list': ({'axis_name': ['data']}, TypeError, 'axis_name'),
+}
+
+
+@pytest.mark.parametrize('name', BAD_OPTIONS)
+def test_bad_hyperparameters_raise_at_construction_naming_the_value(name):
+  options, error, match = BAD_OPTIONS[name]
+  with pytest.raises(error, match=match):
     f3eo_jax.add_meta_gradient(**options)
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(error, match=match):
     f3eo_jax.f3eo(1e-3, **options)
+
+
+def test_f3eo_reference_rejects_a_non_bool_amsgrad():
+  with pytest.raises(TypeError, match="amsgrad.*'yes'"):
+    f3eo_jax.f3eo_reference(amsgrad='yes')
 
 
 @pytest.mark.parametrize(
@@ -436,7 +561,7 @@ def test_bad_hyperparameters_raise_at_construction_naming_the_value(options, mat
 )
 def test_a_mask_that_does_not_fit_the_params_raises_at_init(mask):
   params, _, _ = _tiny()
-  tx = f3eo_jax.add_meta_gradient(mask=mask)
+  tx = f3eo_jax.add_meta_gradient(meta_mask=mask)
 
   with pytest.raises(ValueError, match='mask') as info:
     tx.init(params)

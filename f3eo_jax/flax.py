@@ -26,8 +26,8 @@ from flax import nnx
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.training import train_state
 
-PyTree = Any
-ObjFn = Callable[[PyTree], jax.Array]
+from f3eo_jax._types import HvpFn, ObjFn, PyTree
+
 
 
 def apply_gradients(
@@ -35,7 +35,7 @@ def apply_gradients(
     grads: PyTree,
     *,
     obj_fn: ObjFn | None = None,
-    hvp_fn: Callable[[PyTree], PyTree] | None = None,
+    hvp_fn: HvpFn | None = None,
     **replace_kwargs: Any,
 ) -> train_state.TrainState:
   """``state.apply_gradients`` for a Linen ``TrainState`` whose ``tx`` is F3EO.
@@ -66,6 +66,8 @@ def apply_gradients(
     >>> import jax, jax.numpy as jnp, optax
     >>> import flax.linen as nn
     >>> from flax.training import train_state
+
+from f3eo_jax._types import HvpFn, ObjFn, PyTree
     >>> import f3eo_jax, f3eo_jax.flax
     >>> model = nn.Dense(1)
     >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))

@@ -231,16 +231,42 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(p.astype(scale.dtype) * scale for p in parts)
 
 
-def _real_dot(a: tuple[jax.Array, ...], b: tuple[jax.Array, ...]) -> jax.Array:
-  # A reduction, not jnp.vdot: under explicit sharding a dot over a sharded axis is a type error.
-  return sum(jnp.sum(x * y) for x, y in zip(a, b))
+def _stacked(terms: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> jax.Array:
+  """Reduces each of several same-shaped arrays over all axes, in one variadic reduction.
+
+  One ``lax.reduce`` with several operands is a single loop that reads ``g`` and
+  ``H·g`` once, where separate reductions would read them once each.
+  """
+  terms = list(terms)
+  dtype = terms[0].dtype
+  if reduce is jnp.sum:
+    init, op = jnp.zeros((), dtype), jnp.add
+  else:
+    init, op = jnp.full((), -jnp.inf, dtype), jnp.maximum
+  out = jax.lax.reduce(
+      tuple(terms), (init,) * len(terms),
+      lambda xs, ys: tuple(op(x, y) for x, y in zip(xs, ys)), tuple(range(terms[0].ndim)),
+  )
+  return jnp.stack(out)
 
 
-def _max_abs(x: jax.Array) -> jax.Array:
-  """``max |x|`` per real component, in the accumulation dtype (0 for an empty array)."""
-  parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
-  acc = _acc_dtype(x)
-  return jnp.max(jnp.stack([jnp.max(jnp.abs(p), initial=0).astype(acc) for p in parts]))
+def _real_sums(a: Sequence[tuple[jax.Array, ...]], b: Sequence[tuple[jax.Array, ...]]
+               ) -> jax.Array:
+  """``[Re⟨a_k, b_k⟩ for k]`` of real-part tuples, as one fused reduction."""
+  terms = [sum(x * y for x, y in zip(a_k, b_k)) for a_k, b_k in zip(a, b)]
+  return _stacked(terms, jnp.sum)
+
+
+def _max_abs(*xs: jax.Array) -> jax.Array:
+  """``[max |x| per real component for x in xs]`` (same shapes), in one fused reduction."""
+  acc = functools.reduce(jnp.promote_types, [_acc_dtype(x) for x in xs])
+  terms = []
+  for x in xs:
+    parts = (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+    terms.append(functools.reduce(jnp.maximum, [jnp.abs(p).astype(acc) for p in parts]))
+  if not terms[0].size:
+    return jnp.zeros(len(terms), acc)
+  return _stacked(terms, jnp.max)
 
 
 def _pow2_scale(max_abs: jax.Array) -> jax.Array:
@@ -323,10 +349,10 @@ def _relative_mismatch(
   pairs = [(o, u) for o, u, d in zip(grad_obj, updates, layout.differentiable) if d]
   if not pairs:
     return jnp.zeros((), jnp.float32)
-  maxima = [_max_abs(u) for _, u in pairs]
-  scale = _pow2_scale(jnp.max(jnp.stack([m.astype(jnp.float32) for m in maxima])))
-  diff_sq = sum(_real_dot(*(2 * (_real_parts(o - u, scale),))) for o, u in pairs)
-  grad_sq = sum(_real_dot(*(2 * (_real_parts(u, scale),))) for _, u in pairs)
+  scale = _pow2_scale(jnp.max(jnp.concatenate([_max_abs(u) for _, u in pairs])))
+  diff_sq, grad_sq = sum(
+      _real_sums([_real_parts(o - u, scale), _real_parts(u, scale)],
+                 [_real_parts(o - u, scale), _real_parts(u, scale)]) for o, u in pairs)
   mismatch = jnp.where(
       grad_sq > 0, jnp.sqrt(diff_sq / jnp.where(grad_sq > 0, grad_sq, 1)),
       jnp.where(diff_sq > 0, jnp.inf, 0.0),
@@ -386,27 +412,25 @@ class _Sums(NamedTuple):
 
 def _leaf_maxima(
     layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None]
-) -> tuple[dict[int, jax.Array], dict[int, jax.Array]]:
-  """Pass 1: ``max |g|`` and ``max |H·g|`` of every active leaf."""
-  max_g = {i: _max_abs(g[i]) for seg in layout.segments for i in seg}
-  max_h = {i: _max_abs(hg[i]) for seg in layout.segments for i in seg}
-  return max_g, max_h
+) -> dict[int, jax.Array]:
+  """Pass 1: ``[max |g|, max |H·g|]`` of every active leaf."""
+  return {i: _max_abs(g[i], hg[i]) for seg in layout.segments for i in seg}
 
 
 def _segment_sums(
     layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None],
-    max_g: dict[int, jax.Array], max_h: dict[int, jax.Array], acc: Any,
+    maxima: dict[int, jax.Array], acc: Any,
 ) -> list[_Sums]:
   """Pass 2: the three inner products of every segment, on scaled vectors."""
   sums = []
   for seg in layout.segments:
-    scale_g = _pow2_scale(jnp.max(jnp.stack([max_g[i].astype(acc) for i in seg])))
-    scale_h = _pow2_scale(jnp.max(jnp.stack([max_h[i].astype(acc) for i in seg])))
-    gg = gh = hh = jnp.zeros((), acc)
+    segment_max = jnp.max(jnp.stack([maxima[i].astype(acc) for i in seg]), axis=0)
+    scale_g, scale_h = _pow2_scale(segment_max[0]), _pow2_scale(segment_max[1])
+    total = jnp.zeros(3, acc)
     for i in seg:
       g_i, h_i = _real_parts(g[i], scale_g), _real_parts(hg[i], scale_h)
-      gg, gh, hh = gg + _real_dot(g_i, g_i), gh + _real_dot(g_i, h_i), hh + _real_dot(h_i, h_i)
-    sums.append(_Sums(scale_g, scale_h, gg, gh, hh))
+      total = total + _real_sums([g_i, g_i, h_i], [g_i, h_i, h_i])
+    sums.append(_Sums(scale_g, scale_h, *total))
   return sums
 
 
@@ -420,17 +444,27 @@ def _projection_ratios(sums: Sequence[_Sums], orthogonalize: bool) -> list[jax.A
 def _perp_sums(
     layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None],
     sums: Sequence[_Sums], ratios: Sequence[jax.Array],
-) -> list[jax.Array]:
-  """Pass 3: ``‖ĥ − r·ĝ‖²`` per segment, computed directly (no cancellation)."""
-  perp = []
+) -> tuple[list[jax.Array], list[jax.Array]]:
+  """Pass 3: ``‖ĥ − r·ĝ‖²`` per segment, computed directly (no cancellation).
+
+  The same pass measures what is left of ``ĝ`` in ``d = ĥ − r·ĝ``, ``⟨d, ĝ⟩``, which
+  refines ``r`` by one more Gram-Schmidt step: the rounding of the first inner
+  products no longer shows in ``⟨m⊥, g⟩``.
+
+  Returns:
+    ``‖ĥ − r'·ĝ‖²`` and the refined ``r'`` of every segment.
+  """
+  perp, refined = [], []
   for seg, s, r in zip(layout.segments, sums, ratios):
-    total = jnp.zeros_like(s.gg)
+    total = jnp.zeros(2, s.gg.dtype)
     for i in seg:
-      diff = tuple(h - r * x for h, x in zip(_real_parts(hg[i], s.scale_h),
-                                             _real_parts(g[i], s.scale_g)))
-      total = total + _real_dot(diff, diff)
-    perp.append(total)
-  return perp
+      g_i = _real_parts(g[i], s.scale_g)
+      diff = tuple(h - r * x for h, x in zip(_real_parts(hg[i], s.scale_h), g_i))
+      total = total + _real_sums([diff, diff], [diff, g_i])
+    correction = _safe_div(total[1], s.gg)
+    refined.append(r + correction)
+    perp.append(jnp.maximum(total[0] - correction * total[1], 0))
+  return perp, refined
 
 
 # ------------------------------------------------------------------- step 4: coefficients
@@ -488,7 +522,7 @@ def _coefficients(
   for s, k, r in zip(sums, kappa, ratios):
     finite &= jnp.isfinite(s.hh) & jnp.isfinite(s.gg) & jnp.isfinite(k) & jnp.isfinite(r)
   ok = finite & consistent
-  applied_sq = sum(jnp.where(ok, k, 0) ** 2 * p for k, p in zip(kappa, perp_sq))
+  applied_sq = jnp.where(ok, sum(k**2 * p for k, p in zip(kappa, perp_sq)), 0)
   uncapped_sq = sum(k**2 * p for k, p in zip(uncapped_kappa, perp_sq))
   cap_scale = jnp.where(uncapped_sq > 0, jnp.sqrt(_safe_div(
       sum(k**2 * p for k, p in zip(kappa, perp_sq)), uncapped_sq)), 1)
@@ -552,10 +586,12 @@ def _diagnostics(
 
 
 def _initial_diagnostics() -> MetaGradientDiagnostics:
-  zero, nan, none = jnp.zeros((), jnp.float32), jnp.full((), jnp.nan, jnp.float32), jnp.zeros(
-      (), jnp.int32)
-  return MetaGradientDiagnostics(zero, zero, zero, zero, zero, jnp.ones((), jnp.float32), nan,
-                                 none, none, none)
+  # A separate array per field: a donated state must not hold one buffer twice.
+  initial = {'cap_scale': 1.0, 'grad_mismatch': jnp.nan}
+  return MetaGradientDiagnostics(**{
+      name: jnp.full((), initial.get(name, 0), jnp.int32 if name.endswith('_count') else jnp.float32)
+      for name in MetaGradientDiagnostics._fields
+  })
 
 
 # ------------------------------------------------------------------- the transform
@@ -755,11 +791,12 @@ def add_meta_gradient(
       g, hg = leaves, product.hg
       acc = functools.reduce(jnp.promote_types, [_acc_dtype(g[i]) for s in layout.segments
                                                  for i in s])
-      max_g, max_h = _leaf_maxima(layout, g, hg)
-      sums = _segment_sums(layout, g, hg, max_g, max_h, acc)
+      sums = _segment_sums(layout, g, hg, _leaf_maxima(layout, g, hg), acc)
       ratios = _projection_ratios(sums, orthogonalize)
       needs_perp = meta_max_ratio is not None and orthogonalize
-      perp = _perp_sums(layout, g, hg, sums, ratios) if needs_perp else None
+      perp = None
+      if needs_perp:
+        perp, ratios = _perp_sums(layout, g, hg, sums, ratios)
       coefs = _coefficients(
           sums, ratios, perp, meta_coef=meta_coef, meta_clip_norm=meta_clip_norm,
           meta_max_ratio=meta_max_ratio, usable=product.finite, consistent=~mismatched,

@@ -282,6 +282,13 @@ def _pow2_scale(max_abs: jax.Array) -> jax.Array:
   return jnp.where(usable, jnp.ldexp(jnp.ones_like(max_abs), -exponent), jnp.ones_like(max_abs))
 
 
+def _hypot(norms: Sequence[jax.Array]) -> jax.Array:
+  """``sqrt(Σ tᵢ²)`` of non-negative ``tᵢ``, scaled by the largest: no over- or underflow."""
+  largest = jnp.max(jnp.stack(norms))
+  unit = jnp.where(jnp.isfinite(largest) & (largest > 0), largest, 1)
+  return unit * jnp.sqrt(sum((t / unit) ** 2 for t in norms))
+
+
 def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
   """``num / den`` where ``den > 0``, else 0; never evaluates a division by zero."""
   positive = den > 0
@@ -498,8 +505,8 @@ def _coefficients(
   hg_scaled_norm = jnp.sqrt(sum(s.hh * (scale_h / s.scale_h) ** 2 for s in sums))
   perp_sq = list(perp) if perp is not None else [
       jnp.maximum(s.hh - r * s.gh, 0) for s, r in zip(sums, ratios)]  # diagnostics only
-  kappa, uncapped_kappa = [], []
-  for s, p in zip(sums, perp_sq):
+  kappa, uncapped_kappa, capped = [], [], []
+  for s, p, r in zip(sums, perp_sq, ratios):
     # s_clip / ŝ_h, written so that neither factor overflows on its own.
     clip_over_scale = 1 / s.scale_h
     if meta_clip_norm is not None:
@@ -514,23 +521,28 @@ def _coefficients(
     if meta_max_ratio is not None:
       rho = jnp.asarray(meta_max_ratio, acc)
       valid &= rho >= 0
+      # ĥ − r·ĝ, rounded elementwise, is a few ulps of ‖ĥ‖ + |r|‖ĝ‖ even where (H·g)⊥
+      # is zero (a one-element leaf, or H·g parallel to g). Scaled up to ρ‖g‖, that
+      # rounding would be the whole meta term: below 16× its level, κ is 0.
+      rounding = (4 * jnp.finfo(acc).eps) ** 2 * (s.hh + r**2 * s.gg)
+      resolved = p > 16 * rounding
+      denominator = s.scale_g * jnp.sqrt(jnp.where(resolved, p, 1))
       # ρ‖g‖ / ‖(H·g)⊥‖ in the same units: the largest |κ| the cap allows.
-      limit = rho * jnp.sqrt(s.gg) / (s.scale_g * jnp.sqrt(p))
-      k = jnp.where(p > 0, jnp.sign(k) * jnp.minimum(jnp.abs(k), limit), k)
+      limit = rho * jnp.sqrt(s.gg) / denominator
+      capped.append(resolved & (limit < jnp.abs(k)))
+      k = jnp.where(resolved, jnp.sign(k) * jnp.minimum(jnp.abs(k), limit), 0)
     kappa.append(k)
   finite = valid
   for s, k, r in zip(sums, kappa, ratios):
     finite &= jnp.isfinite(s.hh) & jnp.isfinite(s.gg) & jnp.isfinite(k) & jnp.isfinite(r)
   ok = finite & consistent
-  applied_sq = jnp.where(ok, sum(k**2 * p for k, p in zip(kappa, perp_sq)), 0)
-  uncapped_sq = sum(k**2 * p for k, p in zip(uncapped_kappa, perp_sq))
-  cap_scale = jnp.where(uncapped_sq > 0, jnp.sqrt(_safe_div(
-      sum(k**2 * p for k, p in zip(kappa, perp_sq)), uncapped_sq)), 1)
-  cap_bound = jnp.zeros((), bool)
-  if meta_max_ratio is not None:
-    for k, u in zip(kappa, uncapped_kappa):
-      cap_bound |= jnp.abs(k) < jnp.abs(u)
-  return _Coefficients(kappa, list(ratios), ok, finite, jnp.sqrt(applied_sq),
+  # ‖m⊥‖ = sqrt(Σ κ²·p) over segments; κ² alone over- or underflows (κ ~ 1/ŝ_h).
+  capped_norm = _hypot([jnp.abs(k) * jnp.sqrt(p) for k, p in zip(kappa, perp_sq)])
+  uncapped_norm = _hypot([jnp.abs(k) * jnp.sqrt(p) for k, p in zip(uncapped_kappa, perp_sq)])
+  applied_norm = jnp.where(ok, capped_norm, 0)
+  cap_scale = jnp.where(uncapped_norm > 0, _safe_div(capped_norm, uncapped_norm), 1)
+  cap_bound = functools.reduce(jnp.logical_or, capped, jnp.zeros((), bool))
+  return _Coefficients(kappa, list(ratios), ok, finite, applied_norm,
                        jnp.minimum(cap_scale, 1), ok & cap_bound)
 
 

@@ -122,3 +122,60 @@ def test_zero_meta_coef_returns_the_gradient_bitwise(projection, g, hg):
   for k in g:
     assert e[k].dtype == np.float32
     np.testing.assert_array_equal(np.asarray(e[k]).view(np.uint32), g[k].view(np.uint32))
+
+
+# The relative cap: e stays within atan(ρ) of g, whatever the scales of g and H·g.
+
+_TINY, _HUGE = float(np.float32(1e-20)), float(np.float32(1e20))
+_wide_values = st.one_of(
+    st.just(0.0), st.floats(_TINY, _HUGE, width=32), st.floats(-_HUGE, -_TINY, width=32)
+)
+
+
+def _wide_trees():
+  return st.fixed_dictionaries(
+      {name: hnp.arrays(np.float32, shape, elements=_wide_values) for name, shape in SHAPES.items()}
+  )
+
+
+@functools.cache
+def _capped_effective_gradient(projection):
+  @jax.jit
+  def effective_gradient(g, hg, meta_coef, meta_max_ratio):
+    tx = f3eo_jax.add_meta_gradient(
+        meta_coef, projection=projection, meta_max_ratio=meta_max_ratio, check_consistency=None
+    )
+    e, state = tx.update(g, tx.init(g), None, hvp_fn=lambda tangent: hg)
+    return e, f3eo_jax.diagnostics(state)['nonfinite_count']
+
+  return effective_gradient
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+@SETTINGS
+@hypothesis.given(
+    g=_wide_trees(), hg=_wide_trees(), meta_coef=_coefs, rho=st.floats(0.0, 2.0)
+)
+def test_capped_step_is_within_atan_rho_of_the_gradient_in_float32(
+    projection, g, hg, meta_coef, rho
+):
+  e, nonfinite = _capped_effective_gradient(projection)(g, hg, meta_coef, rho)
+  e = {k: np.asarray(v, np.float64) for k, v in e.items()}
+  g64 = {k: np.asarray(v, np.float64) for k, v in g.items()}
+  m = {k: e[k] - g64[k] for k in g}
+
+  assert nonfinite == 0 and all(np.isfinite(v).all() for v in e.values())
+  segments = [list(g)] if projection == 'global' else [[k] for k in g]
+  for keys in segments:
+    sub = lambda t: {k: t[k] for k in keys}
+    g_norm = _norm(sub(g64))
+    # float32 rounding of e = g + m⊥ itself: a few ulps of the larger of the two.
+    # (Measured worst cases over these examples: ⟨m⊥, g⟩ ≈ 1.3e-7·‖g‖², cos short by 3e-8.)
+    ulps = 1e-6 * (g_norm + _norm(sub(m)))
+    assert _norm(sub(m)) <= rho * g_norm * (1 + 1e-5) + ulps
+    assert abs(_dot(sub(m), sub(g64))) <= 1e-6 * g_norm**2 + ulps * g_norm
+  # Hence ⟨e, g⟩ > 0 and angle(e, g) <= atan(ρ) over the whole tree.
+  g_norm = _norm(g64)
+  if g_norm > 0:
+    cos = _dot(e, g64) / (_norm(e) * g_norm)
+    assert cos >= np.cos(np.arctan(rho)) - 1e-6

@@ -66,8 +66,6 @@ def apply_gradients(
     >>> import jax, jax.numpy as jnp, optax
     >>> import flax.linen as nn
     >>> from flax.training import train_state
-
-from f3eo_jax._types import HvpFn, ObjFn, PyTree
     >>> import f3eo_jax, f3eo_jax.flax
     >>> model = nn.Dense(1)
     >>> x, y = jnp.ones((4, 2)), jnp.zeros((4, 1))

@@ -232,22 +232,12 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _stacked(terms: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> jax.Array:
-  """Reduces each of several same-shaped arrays over all axes, in one variadic reduction.
+  """Reduces each of several same-shaped arrays over all their axes: a vector of results.
 
-  One ``lax.reduce`` with several operands is a single loop that reads ``g`` and
-  ``H·g`` once, where separate reductions would read them once each.
+  Separate reductions of the same inputs: XLA fuses them into one loop that reads
+  ``g`` and ``H·g`` once, and on sharded arrays each becomes a scalar all-reduce.
   """
-  terms = list(terms)
-  dtype = terms[0].dtype
-  if reduce is jnp.sum:
-    init, op = jnp.zeros((), dtype), jnp.add
-  else:
-    init, op = jnp.full((), -jnp.inf, dtype), jnp.maximum
-  out = jax.lax.reduce(
-      tuple(terms), (init,) * len(terms),
-      lambda xs, ys: tuple(op(x, y) for x, y in zip(xs, ys)), tuple(range(terms[0].ndim)),
-  )
-  return jnp.stack(out)
+  return jnp.stack([reduce(t) for t in terms])
 
 
 def _real_sums(a: Sequence[tuple[jax.Array, ...]], b: Sequence[tuple[jax.Array, ...]]

@@ -1,7 +1,8 @@
 """Multi-device cases for ``test_sharding.py``, run in a subprocess on 8 CPU devices.
 
 ``XLA_FLAGS`` must be set before JAX initialises, so the shared pytest process never
-imports this module: ``python tests/_sharding_cases.py OUT.json`` runs every case and
+imports this module: ``python tests/_sharding_cases.py OUT.json`` (with the repository
+root on ``PYTHONPATH``, for ``benchmarks.xla_utils``) runs every case and
 writes what it measured (errors against the single-device run and against a dense
 Hessian, shardings, vma types, collectives counted in the compiled HLO) to ``OUT.json``.
 The assertions live in ``test_sharding.py``.
@@ -9,29 +10,12 @@ The assertions live in ``test_sharding.py``.
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
+from benchmarks import xla_utils
 
-
-def _xla_flags() -> str:
-  # Eight simulated devices; the backend flags only cut CPU compile time (same HLO, same math).
-  flags = [
-      '--xla_force_host_platform_device_count=8',
-      '--xla_backend_optimization_level=0',
-      '--xla_llvm_disable_expensive_passes=true',
-  ]
-  jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
-  if jaxlib >= (0, 9):  # a busy host can starve a device thread past the 40 s rendezvous default
-    flags += ['--xla_cpu_collective_call_terminate_timeout_seconds=600',
-              '--xla_cpu_collective_timeout_seconds=600']
-  return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
-
-
-os.environ['XLA_FLAGS'] = _xla_flags()
-os.environ['JAX_PLATFORMS'] = 'cpu'
+# Eight simulated devices; fast_compile only cuts CPU compile time (same HLO, same math).
+xla_utils.use_host_devices(8, fast_compile=True)
 
 import json  # noqa: E402
-import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -81,8 +65,12 @@ def optimizers(axis_name=None):
       'f3eo_reference': f3eo_jax.f3eo_reference(1e-2, axis_name=axis_name),
       # lax.cond, the H·g buffer in the state, clipping and the consistency check.
       'f3eo_hvp_every_2': f3eo_jax.f3eo(
-          1e-2, hvp_every=2, meta_clip_norm=1.0, projection='per_leaf',
-          check_consistency=1e-3, axis_name=axis_name,
+          1e-2,
+          hvp_every=2,
+          meta_clip_norm=1.0,
+          projection='per_leaf',
+          check_consistency=1e-3,
+          axis_name=axis_name,
       ),
   }
 
@@ -180,32 +168,6 @@ def w1_like_specs(state) -> list[str]:
   return sorted({spec_of(a) for a in jax.tree.leaves(state) if a.shape == W1_SHAPE})
 
 
-# ---------------------------------------------------------------- compiled-HLO inspection
-
-_COLLECTIVE = re.compile(
-    r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
-    r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
-)
-_ARRAY = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
-
-
-def collectives(hlo_text: str) -> dict:
-  """Per collective kind in a compiled (SPMD-partitioned) module: op count, total
-  result elements, and the sizes of the arrays each op produces."""
-  out = {}
-  hlo_text = re.sub(r'/\*.*?\*/', '', hlo_text)  # tuple shapes carry /*index=5*/ comments
-  for match in _COLLECTIVE.finditer(hlo_text):
-    sizes = [
-        int(np.prod([int(d) for d in dims.split(',') if d], dtype=np.int64))
-        for dims in _ARRAY.findall(match.group('shape'))
-    ]
-    entry = out.setdefault(match.group('op'), {'count': 0, 'elements': 0, 'sizes': []})
-    entry['count'] += 1
-    entry['elements'] += int(sum(sizes))
-    entry['sizes'] = sorted(entry['sizes'] + sizes, reverse=True)
-  return out
-
-
 # ---------------------------------------------------------------- the cases
 
 
@@ -259,9 +221,11 @@ def main(out_path: str) -> None:
     cases = results[layout] = {}
     for name, tx in txs.items():
       state = tx.init(p_in)  # eager: zeros_like keeps each leaf's sharding
-      compiled = jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y)).lower(
-          p_in, state, xs, ys
-      ).compile()
+      compiled = (
+          jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y))
+          .lower(p_in, state, xs, ys)
+          .compile()
+      )
       out_params, out_state = train(compiled, p_in, state, xs, ys)
       cases[name] = compare(out_params, out_state, reference[name]) | {
           'in_specs': {k: spec_of(v) for k, v in p_in.items()},
@@ -269,12 +233,18 @@ def main(out_path: str) -> None:
           'state_specs_w1': w1_like_specs(out_state),
       }
       if name == 'f3eo':
-        hlo[f'{layout}_f3eo'] = collectives(compiled.as_text())
-    hlo[f'{layout}_adamw'] = collectives(
+        hlo[f'{layout}_f3eo'] = xla_utils.collectives(compiled.as_text())
+    hlo[f'{layout}_adamw'] = xla_utils.collectives(
         jax.jit(adamw_step).lower(p_in, optax.adamw(1e-2).init(p_in), xs, ys).compile().as_text()
     )
+    # The gradient check compares obj_fn's gradient with g: what it costs on its own.
+    unchecked = f3eo_jax.f3eo(1e-2, weight_decay=1e-3, check_consistency=None)
+    hlo[f'{layout}_f3eo_unchecked'] = xla_utils.collectives(
+        jax.jit(lambda p, s, x, y: global_step(unchecked, p, s, x, y))
+        .lower(p_in, unchecked.init(p_in), xs, ys).compile().as_text()
+    )
     tick(layout)
-  hlo['jit_fsdp_grad_and_hvp'] = collectives(
+  hlo['jit_fsdp_grad_and_hvp'] = xla_utils.collectives(
       jax.jit(grad_and_hvp_step).lower(layouts['jit_fsdp'], xs, ys).compile().as_text()
   )
   g = jax.jit(jax.grad(loss_fn))(layouts['jit_data_parallel'], xs, ys)
@@ -296,7 +266,7 @@ def main(out_path: str) -> None:
 
   for name in ('f3eo', 'f3eo_hvp_every_2'):
     tx = txs[name]
-    hlo[f'transform_{name}'] = collectives(
+    hlo[f'transform_{name}'] = xla_utils.collectives(
         jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
     )
 
@@ -307,7 +277,7 @@ def main(out_path: str) -> None:
     flat_m = flat_m - (flat_m @ flat_g) / (flat_g @ flat_g) * flat_g
     return optax.apply_updates(params, unravel_g(-1e-2 * (flat_g + flat_m)))
 
-  hlo['raveled_projection'] = collectives(
+  hlo['raveled_projection'] = xla_utils.collectives(
       jax.jit(raveled_projection).lower(p_fsdp, p_fsdp).compile().as_text()
   )
   tick('hlo')
@@ -327,8 +297,11 @@ def main(out_path: str) -> None:
   def shard_mapped(step, tx, check_vma):
     return jax.jit(
         jax.shard_map(
-            lambda p, s, x, y: step(tx, p, s, x, y), mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), P(AXIS)), out_specs=(P(), P()), check_vma=check_vma,
+            lambda p, s, x, y: step(tx, p, s, x, y),
+            mesh=mesh,
+            in_specs=(P(), P(), P(AXIS), P(AXIS)),
+            out_specs=(P(), P()),
+            check_vma=check_vma,
         )
     )
 
@@ -337,12 +310,12 @@ def main(out_path: str) -> None:
   cases = results['shard_map_local_grads'] = {}
   for name in ('f3eo', 'f3eo_hvp_every_2'):
     tx = txs_local[name]
-    compiled = shard_mapped(local_grad_step, tx, False).lower(
-        params, tx.init(params), xs, ys
-    ).compile()
+    compiled = (
+        shard_mapped(local_grad_step, tx, False).lower(params, tx.init(params), xs, ys).compile()
+    )
     cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
     if name == 'f3eo':
-      hlo['shard_map_local_grads_f3eo'] = collectives(compiled.as_text())
+      hlo['shard_map_local_grads_f3eo'] = xla_utils.collectives(compiled.as_text())
   # The same without axis_name: H·g stays local, so this run must differ.
   tx = txs['f3eo']
   out = train(shard_mapped(local_grad_step, tx, False), params, tx.init(params), xs, ys)
@@ -354,8 +327,9 @@ def main(out_path: str) -> None:
     return g, jax.lax.pmean(f3eo_jax.hvp(obj_fn, p, g), AXIS)
 
   g, hg = jax.jit(
-      jax.shard_map(local_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
-                    check_vma=False)
+      jax.shard_map(
+          local_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
+      )
   )(params, xs, ys)
   results['shard_map_local_grads_hvp'] = hvp_errors(g, hg)
   tick('shard_map_local_grads')
@@ -364,7 +338,9 @@ def main(out_path: str) -> None:
   tx = txs_local['f3eo_reference']
   pmapped = jax.pmap(
       lambda p, s, x, y: local_grad_step(tx, p, s, x, y),
-      axis_name=AXIS, in_axes=(None, None, 0, 0), out_axes=None,
+      axis_name=AXIS,
+      in_axes=(None, None, 0, 0),
+      out_axes=None,
   )
   xp, yp = x.reshape(NUM_DEVICES, -1, x.shape[-1]), y.reshape(NUM_DEVICES, -1)
   out = train(pmapped, params, tx.init(params), xp, yp)
@@ -378,7 +354,7 @@ def main(out_path: str) -> None:
     compiled = shard_mapped(vma_step, tx, True).lower(params, tx.init(params), xs, ys).compile()
     cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
     if name == 'f3eo':
-      hlo['shard_map_vma_f3eo'] = collectives(compiled.as_text())
+      hlo['shard_map_vma_f3eo'] = xla_utils.collectives(compiled.as_text())
   # With axis_name as well: a pmean of an unvarying value is that value.
   tx = txs_local['f3eo']
   out = train(shard_mapped(vma_step, tx, True), params, tx.init(params), xs, ys)
@@ -394,8 +370,9 @@ def main(out_path: str) -> None:
     return g, hg
 
   g, hg = jax.jit(
-      jax.shard_map(vma_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(),
-                    check_vma=True)
+      jax.shard_map(
+          vma_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=True
+      )
   )(params, xs, ys)
   results['shard_map_vma_hvp'] = hvp_errors(g, hg) | {f'vma_of_{k}': v for k, v in types.items()}
   tick('shard_map_vma')

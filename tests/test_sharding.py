@@ -47,10 +47,11 @@ def cases(tmp_path_factory):
   with _locked(root / 'sharding_cases.lock'):
     if not out.exists():
       env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-      result = subprocess.run(
-          [sys.executable, str(CASES), str(out)], cwd=CASES.parents[1], env=env,
-          capture_output=True, text=True, timeout=900,
-      )
+      # the cases import benchmarks.xla_utils from the repository root
+      repo = str(CASES.parents[1])
+      env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+      cmd = [sys.executable, str(CASES), str(out)]
+      result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
       assert result.returncode == 0, f'multi-device cases failed:\n{result.stderr[-6000:]}'
   return json.loads(out.read_text())
 
@@ -81,7 +82,7 @@ def test_jit_fsdp_matches_single_device_and_keeps_shardings(cases, name):
 
 
 def test_fsdp_on_explicit_mesh_matches_single_device(cases):
-  """jax.make_mesh defaults to Explicit axes; a sharded dot in the inner products is an error there."""
+  """jax.make_mesh defaults to Explicit axes: a sharded dot in an inner product fails there."""
   result = cases['explicit_fsdp']
   _assert_matches_single_device(result, 'f3eo')
   assert result['w1_type'] == 'float32[16@data,32]'
@@ -102,7 +103,7 @@ def test_raveled_inner_products_would_gather_the_params(cases):
 
 def test_fsdp_step_gathers_only_what_the_model_needs(cases):
   hlo = cases['hlo']
-  f3eo, model = hlo['jit_fsdp_f3eo'], hlo['jit_fsdp_grad_and_hvp']
+  f3eo, model = hlo['jit_fsdp_f3eo_unchecked'], hlo['jit_fsdp_grad_and_hvp']
   # the same weight gathers as a bare gradient + jvp-of-gradient step: none from the transform
   assert f3eo['all-gather']['sizes'] == model['all-gather']['sizes']
   # AdamW gathers each weight once; the HVP's second pass through the model gathers again
@@ -118,8 +119,18 @@ def test_extra_communication_is_one_parameter_sized_all_reduce(cases):
   for mode in ('shard_map_local_grads_f3eo', 'shard_map_vma_f3eo'):
     assert set(hlo[mode]) == {'all-reduce'}
     assert hlo[mode]['all-reduce']['elements'] == 2 * num_params, mode
-  gspmd = hlo['jit_data_parallel_f3eo']['all-reduce']['elements']
+  gspmd = hlo['jit_data_parallel_f3eo_unchecked']['all-reduce']['elements']
   assert 2 * num_params <= gspmd <= 2.5 * num_params
+
+
+def test_gradient_check_costs_one_more_parameter_sized_all_reduce_under_gspmd(cases):
+  """Under jit + NamedSharding, obj_fn's gradient (to compare with g) is reduced on its own."""
+  hlo, num_params = cases['hlo'], sum(cases['param_sizes'])
+  for layout in ('jit_data_parallel', 'jit_fsdp'):
+    checked = hlo[f'{layout}_f3eo']['all-reduce']['elements']
+    unchecked = hlo[f'{layout}_f3eo_unchecked']['all-reduce']['elements']
+    # num_params elements, plus the handful of scalars the comparison itself reduces.
+    assert num_params <= checked - unchecked <= num_params + 32, layout
 
 
 def _assert_hvp_is_global(result):

@@ -1,35 +1,38 @@
-"""Step-for-step parity of f3eo_jax with independent PyTorch implementations.
+"""Step-for-step parity of f3eo_jax with an independent PyTorch implementation.
 
-The torch side is written from SPEC.md alone (nothing from ``f3eo_jax`` is imported
-for it): ``H·g`` by double backward (``create_graph=True``), the orthogonal
-decoupling of SPEC §2, and the Adam step of SPEC §4 written by hand. Both
-frameworks run in float64 on the same models, from the same initial weights (drawn
-in numpy and converted between layouts), on the same fixed sequence of minibatches
-(a different batch at every step).
+The torch side, ``benchmarks/torch_f3eo.py``, is written from the algorithm's definition
+and imports nothing from ``f3eo_jax``: ``H·g`` by double backward
+(``create_graph=True``), the clip, the orthogonal projection, the relative cap, and the
+AdamW step written by hand. Both frameworks run in float64 on the same models, from
+the same initial weights (drawn in numpy and converted between layouts), on the same
+fixed sequence of minibatches (a different batch at every step).
 
 Rules compared:
 
-- ``reference``: the published PyTorch rule (SPEC §3 right column, §4):
-  ``meta = ∇‖g‖² = 2·H·g``, its global norm clipped to 1 (``m ← m·min(1, 1/(‖m‖ +
-  1e-6))``), projected per tensor against that tensor's gradient, ``e = g − m⊥``;
-  against ``f3eo_jax.f3eo_reference`` (also with ``amsgrad=True``).
-- ``theory``: SPEC §1–§2 with the ``f3eo_jax.f3eo`` defaults: ``e = g + (H·g)⊥``
-  (``H·g = ∇½‖g‖²``) with the projection over all parameters as one vector and no
-  clipping; against ``f3eo_jax.f3eo``.
+- ``reference``: the published PyTorch rule: ``meta = ∇‖g‖² = 2·H·g``, its global
+  norm clipped to 1 (``m ← m·min(1, 1/(‖m‖ + 1e-6))``), projected per tensor against
+  that tensor's gradient, ``e = g − m⊥``; against ``f3eo_jax.f3eo_reference`` (also
+  with ``amsgrad=True``).
+- ``theory``: ``e = g + (H·g)⊥`` (``H·g = ∇½‖g‖²``) with the projection over all
+  parameters as one vector, no clip and no cap; against ``f3eo_jax.f3eo(...,
+  meta_max_ratio=None)``.
+- ``theory-capped`` and ``theory-per-leaf-capped``: the theory rule with the relative
+  cap ``m⊥ ← m⊥·min(1, ρ‖g‖/‖m⊥‖)`` at ``ρ = CAP``, global and per tensor; against
+  ``f3eo_jax.f3eo(..., meta_max_ratio=CAP)``. ``CAP`` is chosen so that the cap binds
+  on some steps and not on others.
 
 Models: an MLP (tanh and ReLU), a small CNN (conv, max-pool, conv, dense; torch
 NCHW/OIHW against JAX NHWC/HWIO) and an MLP with bias-free layers and a frozen
 parameter group.
 
 What "frozen" means here (both sides): the frozen group is frozen *out of the
-meta-gradient*, not out of training. It is the JAX ``mask=False`` group: it gets
+meta-gradient*, not out of training. It is the JAX ``meta_mask=False`` group: it gets
 plain ``g`` as its effective gradient (still through Adam and weight decay), it
 is excluded from the Hessian-vector product's tangent, and it takes no part in
-the clip norm or the projection. On the torch side the meta objective is
-``‖g_M‖²`` (``½‖g_M‖²`` for the theory rule) over the masked-in group ``M`` only,
-differentiated with respect to ``M`` only; this gives ``H_MM·g_M``, which is what
-a zero tangent outside ``M`` followed by restricting the product to ``M`` gives in
-JAX.
+the clip norm, the projection or the cap. On the torch side the meta objective is
+``½‖g_M‖²`` over the masked-in group ``M`` only, differentiated with respect to ``M``
+only; this gives ``H_MM·g_M``, which is what a zero tangent outside ``M`` followed by
+restricting the product to ``M`` gives in JAX.
 
 Tolerance, stated once: for every parameter tensor ``p``,
 ``max|p_jax − p_torch| / max|p_torch| ≤ 1e-8`` (the per-tensor max-norm relative
@@ -53,13 +56,13 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch', reason='the parity tests need torch==2.13.0 (the test extra)')
-import torch.nn.functional as F  # noqa: E402
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import f3eo_jax  # noqa: E402
+from benchmarks import torch_f3eo  # noqa: E402
 
 NUM_STEPS = 50
 BATCH_SIZE = 16
@@ -67,8 +70,8 @@ LEARNING_RATE = 1e-2
 WEIGHT_DECAY = 1e-2
 BETAS = (0.9, 0.999)
 EPS = 1e-8
-CLIP_NORM = 1.0
-CLIP_EPS = 1e-6
+CLIP_NORM = 1.0  # the published rule's clip (torch_f3eo.REFERENCE)
+CAP = 0.6  # relative cap: binds on 7 to 49 of the 50 steps, by model and projection
 TRAJECTORY_RTOL = 1e-8  # per tensor, max|Δ| / max|p_torch|, after NUM_STEPS steps
 EFFECTIVE_GRAD_RTOL = 1e-11  # per tensor, max|Δe| / max|e_torch|, on the first step
 NONTRIVIAL_RTOL = 1e-4  # F3EO must move the parameters this far from plain AdamW
@@ -165,9 +168,12 @@ def _dense_init(rng, fan_in, fan_out, gain=0.75):
 # (a) MLP: dense -> tanh -> dense -> relu -> dense.
 def _mlp_init(rng):
   return {
-      'w1': _dense_init(rng, 8, 16), 'b1': _normal(rng, (16,), 0.1),
-      'w2': _dense_init(rng, 16, 12), 'b2': _normal(rng, (12,), 0.1),
-      'w3': _dense_init(rng, 12, 4), 'b3': _normal(rng, (4,), 0.1),
+      'w1': _dense_init(rng, 8, 16),
+      'b1': _normal(rng, (16,), 0.1),
+      'w2': _dense_init(rng, 16, 12),
+      'b2': _normal(rng, (12,), 0.1),
+      'w3': _dense_init(rng, 12, 4),
+      'b3': _normal(rng, (4,), 0.1),
   }
 
 
@@ -191,7 +197,12 @@ MLP = Model(
     name='mlp',
     init=_mlp_init,
     converters={
-        'w1': _DENSE, 'b1': _VECTOR, 'w2': _DENSE, 'b2': _VECTOR, 'w3': _DENSE, 'b3': _VECTOR,
+        'w1': _DENSE,
+        'b1': _VECTOR,
+        'w2': _DENSE,
+        'b2': _VECTOR,
+        'w3': _DENSE,
+        'b3': _VECTOR,
     },
     jax_logits=_mlp_jax,
     torch_logits=_mlp_torch,
@@ -205,9 +216,12 @@ MLP = Model(
 #     -> flatten (6x2x2) -> dense.
 def _cnn_init(rng):
   return {
-      'conv1_w': _normal(rng, (4, 1, 3, 3), 0.75 / 3.0), 'conv1_b': _normal(rng, (4,), 0.1),
-      'conv2_w': _normal(rng, (6, 4, 3, 3), 0.75 / 6.0), 'conv2_b': _normal(rng, (6,), 0.1),
-      'dense_w': _dense_init(rng, 24, 3), 'dense_b': _normal(rng, (3,), 0.1),
+      'conv1_w': _normal(rng, (4, 1, 3, 3), 0.75 / 3.0),
+      'conv1_b': _normal(rng, (4,), 0.1),
+      'conv2_w': _normal(rng, (6, 4, 3, 3), 0.75 / 6.0),
+      'conv2_b': _normal(rng, (6,), 0.1),
+      'dense_w': _dense_init(rng, 24, 3),
+      'dense_b': _normal(rng, (3,), 0.1),
   }
 
 
@@ -234,8 +248,12 @@ CNN = Model(
     name='cnn',
     init=_cnn_init,
     converters={
-        'conv1_w': _CONV, 'conv1_b': _VECTOR, 'conv2_w': _CONV, 'conv2_b': _VECTOR,
-        'dense_w': _flat_dense_to_jax((6, 2, 2)), 'dense_b': _VECTOR,
+        'conv1_w': _CONV,
+        'conv1_b': _VECTOR,
+        'conv2_w': _CONV,
+        'conv2_b': _VECTOR,
+        'dense_w': _flat_dense_to_jax((6, 2, 2)),
+        'dense_b': _VECTOR,
     },
     jax_logits=_cnn_jax,
     torch_logits=_cnn_torch,
@@ -250,7 +268,8 @@ CNN = Model(
 def _masked_init(rng):
   return {
       'w1': _dense_init(rng, 6, 10),
-      'w2': _dense_init(rng, 10, 10), 'b2': _normal(rng, (10,), 0.1),
+      'w2': _dense_init(rng, 10, 10),
+      'b2': _normal(rng, (10,), 0.1),
       'w3': _dense_init(rng, 10, 3),
   }
 
@@ -301,97 +320,13 @@ def _initial_params(model: Model, seed: int = 0):
 
 
 # --------------------------------------------------------------------------------------
-# The torch side, from SPEC.md.
+# The torch side: benchmarks/torch_f3eo.py, which imports nothing from f3eo_jax.
 # --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TorchEffectiveGradient:
-  e: list  # effective gradient per parameter, detached
-  meta_norm: float  # ‖meta‖ before clipping: ‖2·H·g‖ (reference) or ‖H·g‖ (theory)
-
-
-def torch_effective_gradient(loss, params, in_meta, rule):
-  """The effective gradient ``e`` of SPEC §2 by double backward.
-
-  Args:
-    loss: the scalar minibatch loss, built from ``params`` with autograd on.
-    params: the list of leaf tensors (requires_grad=True).
-    in_meta: one bool per parameter: whether it takes part in the meta term.
-    rule: ``'reference'``: ``m = ∇‖g_M‖² = 2·H·g``, global-norm clip to 1, per-tensor
-      projection, ``e = g − m⊥``; or ``'theory'``: ``m = ∇½‖g_M‖² = H·g``, global
-      projection, no clip, ``e = g + m⊥``.
-
-  Returns:
-    A :class:`TorchEffectiveGradient`.
-  """
-  grads = torch.autograd.grad(loss, params, create_graph=True)
-  meta_params = [p for p, keep in zip(params, in_meta) if keep]
-  meta_grads = [g for g, keep in zip(grads, in_meta) if keep]
-  grad_sq_norm = sum((g * g).sum() for g in meta_grads)
-  if rule == 'reference':
-    meta = torch.autograd.grad(grad_sq_norm, meta_params)  # ∇‖g‖² = 2·H·g
-  elif rule == 'theory':
-    meta = torch.autograd.grad(0.5 * grad_sq_norm, meta_params)  # ∇½‖g‖² = H·g
-  else:
-    raise ValueError(rule)
-  g = [x.detach() for x in meta_grads]
-  meta = [m.detach() for m in meta]
-  meta_norm = torch.sqrt(sum((m * m).sum() for m in meta))
-
-  if rule == 'reference':
-    scale = torch.clamp(CLIP_NORM / (meta_norm + CLIP_EPS), max=1.0)
-    meta = [m * scale for m in meta]
-    projected = []
-    for m, x in zip(meta, g):
-      gg = (x * x).sum()
-      projected.append(m - ((m * x).sum() / gg) * x if gg > 0 else m)
-    meta_e = [x - m for x, m in zip(g, projected)]
-  else:
-    gg = sum((x * x).sum() for x in g)
-    if gg > 0:
-      coef = sum((m * x).sum() for m, x in zip(meta, g)) / gg
-      meta = [m - coef * x for m, x in zip(meta, g)]
-    meta_e = [x + m for x, m in zip(g, meta)]
-
-  meta_e = iter(meta_e)
-  e = [next(meta_e) if keep else x.detach() for x, keep in zip(grads, in_meta)]
-  return TorchEffectiveGradient(e=e, meta_norm=float(meta_norm))
-
-
-class TorchAdamW:
-  """SPEC §4 by hand: decoupled decay, bias-corrected moments, optional AMSGrad."""
-
-  def __init__(self, params, lr, betas, eps, weight_decay, amsgrad=False):
-    self.params = list(params)
-    self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-    self.amsgrad = amsgrad
-    self.t = 0
-    self.m = [torch.zeros_like(p) for p in self.params]
-    self.v = [torch.zeros_like(p) for p in self.params]
-    self.vmax = [torch.zeros_like(p) for p in self.params]
-
-  @torch.no_grad()
-  def step(self, effective_grads):
-    self.t += 1
-    bc1 = 1.0 - self.b1 ** self.t
-    bc2 = 1.0 - self.b2 ** self.t
-    for i, (p, e) in enumerate(zip(self.params, effective_grads)):
-      p.sub_(self.lr * self.wd * p)
-      self.m[i] = self.b1 * self.m[i] + (1.0 - self.b1) * e
-      self.v[i] = self.b2 * self.v[i] + (1.0 - self.b2) * e * e
-      if self.amsgrad:
-        self.vmax[i] = torch.maximum(self.vmax[i], self.v[i])
-        v = self.vmax[i]
-      else:
-        v = self.v[i]
-      p.sub_((self.lr / bc1) * self.m[i] / (torch.sqrt(v) / math.sqrt(bc2) + self.eps))
 
 
 def _torch_params(model, params_np):
   return [
-      torch.tensor(params_np[k], dtype=torch.float64, requires_grad=True)
-      for k in model.converters
+      torch.tensor(params_np[k], dtype=torch.float64, requires_grad=True) for k in model.converters
   ]
 
 
@@ -403,9 +338,11 @@ def _torch_loss(model, params, x, y):
 
 # The runs compared: name -> (rule, amsgrad).
 RUNS = {
-    'reference': ('reference', False),
-    'reference-amsgrad': ('reference', True),
-    'theory': ('theory', False),
+    'reference': (torch_f3eo.REFERENCE, False),
+    'reference-amsgrad': (torch_f3eo.REFERENCE, True),
+    'theory': (torch_f3eo.THEORY, False),
+    'theory-capped': (torch_f3eo.Rule(max_ratio=CAP), False),
+    'theory-per-leaf-capped': (torch_f3eo.Rule(projection='per_leaf', max_ratio=CAP), False),
 }
 
 
@@ -416,6 +353,7 @@ class Trajectory:
   params: dict[str, np.ndarray]  # after NUM_STEPS steps
   effective_grads: list[dict[str, np.ndarray]]  # e of every step, at that step's params
   hg_norms: np.ndarray  # ‖H·g‖ (masked-in group) of every step, before coef and clip
+  cap_scales: np.ndarray  # the relative cap's factor on every step (1: did not bind)
 
 
 def run_torch(model, run):
@@ -426,20 +364,21 @@ def run_torch(model, run):
     rule, amsgrad = None, run == 'adamw-amsgrad'
   params = _torch_params(model, _initial_params(model))
   in_meta = [model.meta_mask is None or model.meta_mask[k] for k in model.converters]
-  opt = TorchAdamW(params, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
-  effective_grads, hg_norms = [], []
+  opt = torch_f3eo.AdamW(params, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
+  effective_grads, hg_norms, cap_scales = [], [], []
   for x, y in _batches(model):
     loss = _torch_loss(model, params, x, y)
     if rule is None:
       e = [g.detach() for g in torch.autograd.grad(loss, params)]
     else:
-      out = torch_effective_gradient(loss, params, in_meta, rule)
+      out = torch_f3eo.effective_gradient(loss, params, in_meta, rule=rule)
       e = out.e
-      hg_norms.append(out.meta_norm / (2.0 if rule == 'reference' else 1.0))
+      hg_norms.append(float(out.hg_norm))
+      cap_scales.append(float(out.cap_scale))
     effective_grads.append({k: t.numpy().copy() for k, t in zip(model.converters, e)})
     opt.step(e)
   final = {k: p.detach().numpy().copy() for k, p in zip(model.converters, params)}
-  return Trajectory(final, effective_grads, np.array(hg_norms))
+  return Trajectory(final, effective_grads, np.array(hg_norms), np.array(cap_scales))
 
 
 # --------------------------------------------------------------------------------------
@@ -457,20 +396,32 @@ def _jax_mask(model):
 
 
 def _jax_meta_transform(model, rule):
-  if rule == 'reference':
-    return f3eo_jax.add_meta_gradient(
-        -2.0, projection='per_leaf', meta_clip_norm=CLIP_NORM, mask=_jax_mask(model)
-    )
-  return f3eo_jax.add_meta_gradient(mask=_jax_mask(model))
+  return f3eo_jax.add_meta_gradient(
+      rule.meta_coef,
+      projection=rule.projection,
+      meta_clip_norm=rule.clip_norm,
+      meta_max_ratio=rule.max_ratio,
+      meta_mask=_jax_mask(model),
+  )
 
 
 def _jax_optimizer(model, rule, amsgrad):
   b1, b2 = BETAS
-  if rule == 'theory':
-    assert not amsgrad, 'f3eo has no amsgrad option'
-    return f3eo_jax.f3eo(LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, mask=_jax_mask(model))
-  return f3eo_jax.f3eo_reference(
-      LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, amsgrad=amsgrad, mask=_jax_mask(model)
+  if rule == torch_f3eo.REFERENCE:
+    return f3eo_jax.f3eo_reference(
+        LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, amsgrad=amsgrad, meta_mask=_jax_mask(model)
+    )
+  assert not amsgrad and rule.clip_norm is None, 'f3eo: no amsgrad; the clip is not tested here'
+  return f3eo_jax.f3eo(
+      LEARNING_RATE,
+      b1,
+      b2,
+      EPS,
+      WEIGHT_DECAY,
+      meta_coef=rule.meta_coef,
+      projection=rule.projection,
+      meta_max_ratio=rule.max_ratio,
+      meta_mask=_jax_mask(model),
   )
 
 
@@ -491,19 +442,22 @@ def run_jax(model, run):
     grads = jax.grad(obj_fn)(params)
     e, _ = meta.update(grads, meta.init(params), params, obj_fn=obj_fn)
     updates, state = tx.update(grads, state, params, obj_fn=obj_fn)
-    hg_norm = f3eo_jax.diagnostics(state)['hg_norm']
-    return optax.apply_updates(params, updates), state, e, hg_norm
+    diagnostics = f3eo_jax.diagnostics(state)
+    return optax.apply_updates(params, updates), state, e, diagnostics
 
   params = model.to_jax(_initial_params(model))
   state = tx.init(params)
-  effective_grads, hg_norms = [], []
+  effective_grads, hg_norms, cap_scales = [], [], []
   for x, y in _batches(model):
-    params, state, e, hg_norm = step(
+    params, state, e, diagnostics = step(
         params, state, jnp.asarray(model.inputs_to_jax(x)), jnp.asarray(y)
     )
     effective_grads.append(model.to_torch_layout(e))
-    hg_norms.append(float(hg_norm))
-  return Trajectory(model.to_torch_layout(params), effective_grads, np.array(hg_norms))
+    hg_norms.append(float(diagnostics['hg_norm']))
+    cap_scales.append(float(diagnostics['cap_scale']))
+  return Trajectory(
+      model.to_torch_layout(params), effective_grads, np.array(hg_norms), np.array(cap_scales)
+  )
 
 
 def _max_relative_error(actual, expected):
@@ -527,15 +481,13 @@ ALL_RUNS = [pytest.param(m.name, run, id=f'{m.name}-{run}') for m in MODELS for 
 
 @pytest.mark.parametrize('amsgrad', [False, True], ids=['adamw', 'amsgrad'])
 def test_hand_written_torch_adamw_equals_torch_optim_adamw(amsgrad):
-  """Sanity check of the torch side: SPEC §4 by hand equals torch.optim.AdamW on g."""
+  """Sanity check of the torch side: AdamW by hand equals torch.optim.AdamW on g."""
   model = MLP
   ours = _torch_params(model, _initial_params(model))
   theirs = _torch_params(model, _initial_params(model))
-  hand = TorchAdamW(ours, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
-  builtin = torch.optim.AdamW(
-      theirs, lr=LEARNING_RATE, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, amsgrad=amsgrad,
-      foreach=False,
-  )
+  hand = torch_f3eo.AdamW(ours, LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, amsgrad=amsgrad)
+  hyper = dict(lr=LEARNING_RATE, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, amsgrad=amsgrad)
+  builtin = torch.optim.AdamW(theirs, **hyper, foreach=False)
   for x, y in _batches(model)[:20]:
     hand.step([g.detach() for g in torch.autograd.grad(_torch_loss(model, ours, x, y), ours)])
     builtin.zero_grad()
@@ -550,7 +502,9 @@ def test_torch_meta_gradient_is_a_dense_hessian_vector_product(model):
   """Sanity check of the torch side: double backward equals H·g from a dense Hessian.
 
   Uses ``torch.autograd.functional.hessian`` of the loss as a function of all
-  parameters raveled into one vector, restricted to the masked-in block.
+  parameters raveled into one vector, restricted to the masked-in block; checks
+  ``∇‖g_M‖² = 2·H·g`` by double backward, and the twin's theory-rule ``e = g + (H·g)⊥``
+  and ``‖H·g‖`` against the dense product projected in numpy.
   """
   params_np = _initial_params(model)
   x, y = _batches(model)[0]
@@ -575,12 +529,23 @@ def test_torch_meta_gradient_is_a_dense_hessian_vector_product(model):
   grads = torch.autograd.grad(_torch_loss(model, params, x, y), params, create_graph=True)
   sq = sum((gr * gr).sum() for gr, k in zip(grads, in_meta) if k)
   two_hg = iter(torch.autograd.grad(sq, [p for p, k in zip(params, in_meta) if k]))
-  two_hg_flat = torch.cat([
-      next(two_hg).ravel() if k else torch.zeros(n, dtype=torch.float64)
-      for k, n in zip(in_meta, sizes)
-  ])
+  two_hg_flat = torch.cat(
+      [
+          next(two_hg).ravel() if k else torch.zeros(n, dtype=torch.float64)
+          for k, n in zip(in_meta, sizes)
+      ]
+  )
   assert float(hg_dense.norm()) > 1e-3
   np.testing.assert_allclose(two_hg_flat.numpy(), 2.0 * hg_dense.numpy(), rtol=1e-10, atol=1e-13)
+
+  out = torch_f3eo.effective_gradient(
+      _torch_loss(model, params, x, y), params, in_meta, rule=torch_f3eo.THEORY
+  )
+  g_m, hg_m = np.where(keep, g, 0.0), hg_dense.numpy()
+  e_dense = g.numpy() + hg_m - (hg_m @ g_m) / (g_m @ g_m) * g_m
+  e_flat = torch.cat([t.ravel() for t in out.e]).numpy()
+  np.testing.assert_allclose(e_flat, e_dense, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(float(out.hg_norm), np.linalg.norm(hg_m), rtol=1e-10)
 
 
 @pytest.mark.parametrize('model_name, run', ALL_RUNS)
@@ -598,7 +563,9 @@ def test_f3eo_matches_torch_step_for_step(model_name, run):
   5. the parity is not trivial: every tensor ends more than 100× the tolerance,
      and some tensor more than 1e-4, away from plain AdamW (same amsgrad flag);
   6. reference runs: ‖2·H·g‖ > 1 on some steps and < 1 on others, so both
-     branches of ``min(1, 1/(‖m‖ + 1e-6))`` are on the compared trajectory.
+     branches of ``min(1, 1/(‖m‖ + 1e-6))`` are on the compared trajectory;
+  7. capped runs: the cap binds on some steps and not on others, and with the global
+     projection the library's ``cap_scale`` diagnostic is torch's factor.
   """
   model = MODELS_BY_NAME[model_name]
   rule, amsgrad = RUNS[run]
@@ -631,7 +598,12 @@ def test_f3eo_matches_torch_step_for_step(model_name, run):
   assert max(departure.values()) > NONTRIVIAL_RTOL, ('too close to AdamW', departure)
   assert min(departure.values()) > 100 * TRAJECTORY_RTOL, ('too close to AdamW', departure)
 
-  if rule == 'reference':
+  if rule.clip_norm is not None:
     two_hg_norms = 2.0 * expected.hg_norms
     assert np.any(two_hg_norms > CLIP_NORM), ('clip never binds', two_hg_norms)
     assert np.any(two_hg_norms < CLIP_NORM), ('clip always binds', two_hg_norms)
+  if rule.max_ratio is not None:
+    assert np.any(expected.cap_scales < 0.99), ('cap never binds', expected.cap_scales)
+    assert np.any(expected.cap_scales == 1.0), ('cap always binds', expected.cap_scales)
+    if rule.projection == 'global':
+      np.testing.assert_allclose(actual.cap_scales, expected.cap_scales, rtol=1e-5)

@@ -108,6 +108,8 @@ def _check_real(name: str, value: Any, *, minimum: float | None = None, strict: 
   """
   if _is_scalar_array(value):
     dtype = jnp.result_type(value)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not integer:
+      return  # inject_hyperparams on complex params casts floats to complex; the real part is used
     ok = jnp.issubdtype(dtype, jnp.integer) if integer else (
         jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
     if integer and jnp.issubdtype(dtype, jnp.floating):
@@ -391,7 +393,7 @@ def _mismatched(mismatch: jax.Array, rtol: ScalarLike | None) -> jax.Array:
   """Whether a measured mismatch exceeds ``rtol`` (a NaN mismatch was not measured)."""
   if rtol is None:
     return jnp.zeros((), bool)
-  return ~jnp.isnan(mismatch) & ~(mismatch <= jnp.asarray(rtol, jnp.float32))
+  return ~jnp.isnan(mismatch) & ~(mismatch <= jnp.real(jnp.asarray(rtol)).astype(jnp.float32))
 
 
 # ------------------------------------------------------------------- steps 2-3: reductions
@@ -405,6 +407,8 @@ class _Sums(NamedTuple):
   gg: jax.Array  # ‖ĝ‖²
   gh: jax.Array  # ⟨ĝ, ĥ⟩
   hh: jax.Array  # ‖ĥ‖²
+  max_g: jax.Array  # max |g| (unscaled)
+  max_h: jax.Array  # max |H·g| (unscaled)
 
 
 def _leaf_maxima(
@@ -427,7 +431,7 @@ def _segment_sums(
     for i in seg:
       g_i, h_i = _real_parts(g[i], scale_g), _real_parts(hg[i], scale_h)
       total = total + _real_sums([g_i, g_i, h_i], [g_i, h_i, h_i])
-    sums.append(_Sums(scale_g, scale_h, *total))
+    sums.append(_Sums(scale_g, scale_h, *total, *segment_max))
   return sums
 
 
@@ -481,6 +485,7 @@ def _coefficients(
     sums: Sequence[_Sums], ratios: Sequence[jax.Array], perp: Sequence[jax.Array] | None, *,
     meta_coef: ScalarLike, meta_clip_norm: ScalarLike | None,
     meta_max_ratio: ScalarLike | None, usable: jax.Array, consistent: jax.Array, acc: Any,
+    largest: Sequence[float],
 ) -> _Coefficients:
   """Scalar algebra: clip, projection, cap and guard, from the segment sums alone.
 
@@ -488,7 +493,7 @@ def _coefficients(
   ``κ = c·s_clip·s_cap / ŝ_h``. Every quantity below stays representable whenever the
   result does, so huge or tiny gradients are handled exactly.
   """
-  c = jnp.asarray(meta_coef, acc)
+  c = jnp.real(jnp.asarray(meta_coef)).astype(acc)
   valid = jnp.isfinite(c) & usable
   # ‖H·g‖ in a unit common to all segments: the largest scale's.
   scale_h = jnp.min(jnp.stack([s.scale_h for s in sums]))
@@ -500,7 +505,7 @@ def _coefficients(
     # s_clip / ŝ_h, written so that neither factor overflows on its own.
     clip_over_scale = 1 / s.scale_h
     if meta_clip_norm is not None:
-      tau = jnp.asarray(meta_clip_norm, acc)
+      tau = jnp.real(jnp.asarray(meta_clip_norm)).astype(acc)
       valid &= tau > 0
       clip_over_scale = jnp.minimum(
           clip_over_scale,
@@ -509,7 +514,7 @@ def _coefficients(
     k = c * clip_over_scale
     uncapped_kappa.append(k)
     if meta_max_ratio is not None:
-      rho = jnp.asarray(meta_max_ratio, acc)
+      rho = jnp.real(jnp.asarray(meta_max_ratio)).astype(acc)
       valid &= rho >= 0
       # ĥ − r·ĝ, rounded elementwise, is a few ulps of ‖ĥ‖ + |r|‖ĝ‖ even where (H·g)⊥
       # is zero (a one-element leaf, or H·g parallel to g). Scaled up to ρ‖g‖, that
@@ -523,8 +528,12 @@ def _coefficients(
       k = jnp.where(resolved, jnp.sign(k) * jnp.minimum(jnp.abs(k), limit), 0)
     kappa.append(k)
   finite = valid
-  for s, k, r in zip(sums, kappa, ratios):
+  for s, k, r, top in zip(sums, kappa, ratios, largest):
     finite &= jnp.isfinite(s.hh) & jnp.isfinite(s.gg) & jnp.isfinite(k) & jnp.isfinite(r)
+    # Elementwise |g + κ·(ĥ − r·ĝ)| ≤ max|g| + |κ|·(max|ĥ| + |r|·max|ĝ|): a meta term that
+    # could overflow the output dtype is as unusable as a NaN.
+    bound = s.max_g + jnp.abs(k) * (s.max_h * s.scale_h + jnp.abs(r) * s.max_g * s.scale_g)
+    finite &= bound < top
   ok = finite & consistent
   # ‖m⊥‖ = sqrt(Σ κ²·p) over segments; κ² alone over- or underflows (κ ~ 1/ŝ_h).
   capped_norm = _hypot([jnp.abs(k) * jnp.sqrt(p) for k, p in zip(kappa, perp_sq)])
@@ -802,7 +811,8 @@ def add_meta_gradient(
       coefs = _coefficients(
           sums, ratios, perp, meta_coef=meta_coef, meta_clip_norm=meta_clip_norm,
           meta_max_ratio=meta_max_ratio, usable=product.finite, consistent=~mismatched,
-          acc=acc,
+          acc=acc, largest=[min(float(jnp.finfo(g[i].dtype).max) for i in seg)
+                            for seg in layout.segments],
       )
       new_leaves = _combine(layout, leaves, hg, sums, coefs)
     else:  # no leaf gets a meta term

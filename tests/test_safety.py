@@ -800,3 +800,37 @@ def test_a_wrong_obj_fn_under_jit_with_donation_gives_a_valid_adamw_step_then_ra
   assert diagnostics['meta_norm'] > 0 and diagnostics['nonfinite_count'] == 0
   assert _all_finite(newer_params)
   assert _mlp_loss(newer_params, batch) < _mlp_loss(initial, batch)
+
+
+def test_a_meta_term_that_would_overflow_the_parameter_dtype_is_dropped_and_counted():
+  # g and H·g are finite float16, but 100·H·g is beyond float16's largest value (65504).
+  g = jnp.array([1.0, 2.0], jnp.float16)
+  tx = f3eo_jax.add_meta_gradient(100.0, orthogonalize=False, check_consistency=None)
+
+  e, state = tx.update(g, tx.init(g), g, hvp_fn=lambda v: jnp.full(2, 6e4, jnp.float16))
+
+  np.testing.assert_array_equal(np.asarray(e), np.asarray(g))
+  assert f3eo_jax.diagnostics(state)['nonfinite_count'] == 1
+  # Just inside the range, the same term is applied.
+  e, state = tx.update(g, tx.init(g), g, hvp_fn=lambda v: jnp.full(2, 6e2, jnp.float16))
+  np.testing.assert_allclose(np.asarray(e, np.float32), [60001.0, 60002.0], rtol=1e-3)
+  assert f3eo_jax.diagnostics(state)['nonfinite_count'] == 0
+
+
+def test_inject_hyperparams_works_with_complex_params():
+  # Optax casts injected float hyperparameters to the params' complex dtype.
+  obj = lambda z: jnp.sum(jnp.real(z) ** 2 + 3 * jnp.imag(z) ** 2 + jnp.real(z) ** 3)
+  params = jnp.array([1 + 1j, 2 - 1j], jnp.complex64)
+  injected = optax.inject_hyperparams(f3eo_jax.f3eo)(learning_rate=1e-2)
+  plain = f3eo_jax.f3eo(1e-2)
+
+  outputs = []
+  for tx in (injected, plain):
+    p, state = params, tx.init(params)
+    for _ in range(3):
+      g = jnp.conj(jax.grad(obj)(p))
+      updates, state = tx.update(g, state, p, obj_fn=obj)
+      p = optax.apply_updates(p, updates)
+    outputs.append(p)
+    assert f3eo_jax.diagnostics(state)['meta_norm'] > 0
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5)

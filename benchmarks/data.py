@@ -40,15 +40,15 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A classification dataset held in memory.
+  """A classification (or regression) dataset held in memory.
 
   Attributes:
     name: the dataset's name.
     x_train: float32 inputs, ``(N, L)`` signals or ``(N, H, W, C)`` images.
-    y_train: int32 labels, ``(N,)``.
+    y_train: int32 labels, ``(N,)`` (float32 targets for a regression).
     x_test: float32 inputs of the test split.
     y_test: int32 labels of the test split.
-    num_classes: number of classes.
+    num_classes: number of classes (0 for a regression).
   """
 
   name: str
@@ -249,6 +249,6 @@ def batches(
   while num_epochs is None or epoch < num_epochs:
     order = rng.permutation(n)
     for start in range(0, n - batch_size + 1, batch_size):
-      idx = order[start:start + batch_size]
+      idx = order[start : start + batch_size]
       yield x[idx], y[idx]
     epoch += 1

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,21 +28,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """Multi-layer perceptron on flattened inputs, ReLU between layers.
+  """Multi-layer perceptron on flattened inputs, ReLU (or ``activation``) between layers.
 
   Attributes:
     hidden: widths of the hidden layers.
-    num_classes: number of output logits.
+    num_classes: number of outputs (logits, or 1 for a scalar regression).
+    activation: the nonlinearity after each hidden layer.
   """
 
   hidden: Sequence[int] = (512, 512)
   num_classes: int = 10
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = x.reshape((x.shape[0], -1))
     for width in self.hidden:
-      x = nn.relu(nn.Dense(width)(x))
+      x = self.activation(nn.Dense(width)(x))
     return nn.Dense(self.num_classes)(x)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 MNIST1D = 'mnist1d'
 TFDS_DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
 DEFAULT_CACHE_DIR = os.path.join(
-    os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'f3eo_jax'
+  os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'f3eo_jax'
 )
 
 
@@ -74,12 +74,12 @@ class Dataset:
     n_val = int(round(len(self.y_train) * fraction))
     cut = len(self.y_train) - n_val
     return Dataset(
-        name=f'{self.name}/validation',
-        x_train=self.x_train[:cut],
-        y_train=self.y_train[:cut],
-        x_test=self.x_train[cut:],
-        y_test=self.y_train[cut:],
-        num_classes=self.num_classes,
+      name=f'{self.name}/validation',
+      x_train=self.x_train[:cut],
+      y_train=self.y_train[:cut],
+      x_test=self.x_train[cut:],
+      y_test=self.y_train[cut:],
+      num_classes=self.num_classes,
     )
 
 
@@ -96,10 +96,10 @@ def _mnist1d_arrays(seed: int) -> dict[str, np.ndarray]:
   finally:
     np.random.set_state(saved)
   return {
-      'x_train': raw['x'].astype(np.float32),
-      'y_train': raw['y'].astype(np.int32),
-      'x_test': raw['x_test'].astype(np.float32),
-      'y_test': raw['y_test'].astype(np.int32),
+    'x_train': raw['x'].astype(np.float32),
+    'y_train': raw['y'].astype(np.int32),
+    'x_test': raw['x_test'].astype(np.float32),
+    'y_test': raw['y_test'].astype(np.int32),
   }
 
 
@@ -132,14 +132,14 @@ def load_mnist1d(seed: int = 42, cache_dir: str | None = DEFAULT_CACHE_DIR) -> D
 
 def _how_to_prepare(name: str, data_dir: str) -> str:
   return (
-      f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and this loader'
-      ' never downloads at run time. Prepare it once on a machine with network access'
-      ' (TensorFlow is needed only for that step), then copy the directory here:\n'
-      '  pip install tensorflow tensorflow-datasets\n'
-      f'  tfds build {name} --data_dir {data_dir} --file_format array_record\n'
-      'or, in Python:\n'
-      f"  tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record')"
-      '.download_and_prepare()'
+    f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and this loader'
+    ' never downloads at run time. Prepare it once on a machine with network access'
+    ' (TensorFlow is needed only for that step), then copy the directory here:\n'
+    '  pip install tensorflow tensorflow-datasets\n'
+    f'  tfds build {name} --data_dir {data_dir} --file_format array_record\n'
+    'or, in Python:\n'
+    f"  tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record')"
+    '.download_and_prepare()'
   )
 
 
@@ -180,7 +180,7 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     raise DatasetNotPreparedError(_how_to_prepare(name, data_dir))
   try:
     sources = tfds.data_source(
-        name, split=['train', 'test'], data_dir=data_dir, download=False, try_gcs=False
+      name, split=['train', 'test'], data_dir=data_dir, download=False, try_gcs=False
     )
     builder = tfds.builder(name, data_dir=data_dir)
     num_classes = builder.info.features['label'].num_classes
@@ -189,20 +189,20 @@ def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
     raise DatasetNotPreparedError(_how_to_prepare(name, data_dir)) from e
   (x_train, y_train), (x_test, y_test) = (_read_split(s) for s in sources)
   return Dataset(
-      name=name,
-      x_train=_scale_images(x_train),
-      y_train=y_train,
-      x_test=_scale_images(x_test),
-      y_test=y_test,
-      num_classes=int(num_classes),
+    name=name,
+    x_train=_scale_images(x_train),
+    y_train=y_train,
+    x_test=_scale_images(x_test),
+    y_test=y_test,
+    num_classes=int(num_classes),
   )
 
 
 def load_dataset(
-    name: str = MNIST1D,
-    *,
-    data_dir: str | None = None,
-    cache_dir: str | None = DEFAULT_CACHE_DIR,
+  name: str = MNIST1D,
+  *,
+  data_dir: str | None = None,
+  cache_dir: str | None = DEFAULT_CACHE_DIR,
 ) -> Dataset:
   """Loads ``name``: MNIST-1D generated locally, or a prepared TFDS dataset.
 
@@ -220,12 +220,12 @@ def load_dataset(
 
 
 def batches(
-    x: np.ndarray,
-    y: np.ndarray,
-    batch_size: int,
-    seed: int,
-    *,
-    num_epochs: int | None = None,
+  x: np.ndarray,
+  y: np.ndarray,
+  batch_size: int,
+  seed: int,
+  *,
+  num_epochs: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Shuffled minibatches, reshuffled every epoch; the last partial batch is dropped.
 

@@ -64,21 +64,21 @@ AXIS = 'data'
 LAYOUTS = ('1 device', 'jit', 'shard_map (vma)', 'shard_map (local)')
 # The optimizers, by label: (registry name, overrides).
 OPTIMIZERS = {
-    'adamw': ('adamw', {}),
-    'f3eo': ('f3eo', {}),
-    'f3eo hvp_every=10': ('f3eo', {'hvp_every': 10}),
-    'f3eo_reference': ('f3eo_reference', {}),
+  'adamw': ('adamw', {}),
+  'f3eo': ('f3eo', {}),
+  'f3eo hvp_every=10': ('f3eo', {'hvp_every': 10}),
+  'f3eo_reference': ('f3eo_reference', {}),
 }
 EQUIVALENCE_RUNS = (
-    *((layout, 'f3eo_reference') for layout in LAYOUTS),
-    ('1 device', 'f3eo'),
-    ('jit', 'f3eo'),
-    ('1 device', 'adamw'),
-    ('jit', 'adamw'),
+  *((layout, 'f3eo_reference') for layout in LAYOUTS),
+  ('1 device', 'f3eo'),
+  ('jit', 'f3eo'),
+  ('1 device', 'adamw'),
+  ('jit', 'adamw'),
 )
 TIMING_RUNS = (
-    *((layout, opt) for layout in LAYOUTS for opt in ('adamw', 'f3eo')),
-    ('jit', 'f3eo hvp_every=10'),
+  *((layout, opt) for layout in LAYOUTS for opt in ('adamw', 'f3eo')),
+  ('jit', 'f3eo hvp_every=10'),
 )
 EARLY_STEPS = 4
 EARLY_TOL = 1e-5  # what tests/test_sharding.py allows after 4 steps (float32 summation order)
@@ -88,7 +88,7 @@ EARLY_TOL = 1e-5  # what tests/test_sharding.py allows after 4 steps (float32 su
 
 
 def make_step(
-    model, tx, *, num_devices: int = 1, average_grads: bool = False, meta: bool = True
+  model, tx, *, num_devices: int = 1, average_grads: bool = False, meta: bool = True
 ) -> Callable:
   """A training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
@@ -103,7 +103,7 @@ def make_step(
   def step(params, opt_state, x, y):
     loss_of = lambda logits: models.cross_entropy(logits, y) / num_devices
     (loss, _), grads, obj_fn = f3eo_jax.flax.linen_value_grad_and_obj_fn(
-        model.apply, {'params': params}, loss_of, x
+      model.apply, {'params': params}, loss_of, x
     )
     if average_grads:
       loss, grads = jax.lax.pmean((loss, grads), AXIS)
@@ -135,15 +135,13 @@ def build(layout: str, optimizer: str, model, mesh, lr: float) -> dict:
     step = jax.jit(make_step(model, tx, meta=meta))
   else:
     step = jax.jit(
-        jax.shard_map(
-            make_step(
-                model, tx, num_devices=1 if local else mesh.size, average_grads=local, meta=meta
-            ),
-            mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), P(AXIS)),
-            out_specs=(P(), P(), P()),
-            check_vma=not local,
-        )
+      jax.shard_map(
+        make_step(model, tx, num_devices=1 if local else mesh.size, average_grads=local, meta=meta),
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS)),
+        out_specs=(P(), P(), P()),
+        check_vma=not local,
+      )
     )
   if layout == '1 device':
     place_params = place_batch = lambda tree: jax.device_put(tree, jax.devices()[0])
@@ -160,7 +158,7 @@ def build(layout: str, optimizer: str, model, mesh, lr: float) -> dict:
     return compiled['step'], compiled['seconds']
 
   return dict(
-      step=step, tx=tx, place_params=place_params, place_batch=place_batch, compile=compile_once
+    step=step, tx=tx, place_params=place_params, place_batch=place_batch, compile=compile_once
   )
 
 
@@ -169,8 +167,8 @@ def build(layout: str, optimizer: str, model, mesh, lr: float) -> dict:
 
 def max_abs_diff(a, b) -> float:
   return max(
-      float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
-      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )
 
 
@@ -201,15 +199,15 @@ def equivalence_run(model, mesh, params, dataset, args) -> list[dict]:
     p = jax.device_get(p)
     reference.setdefault(opt, (early, p))
     rows.append(
-        {
-            'layout': layout,
-            'optimizer': opt,
-            'final_loss': float(np.mean(losses[-10:])),
-            'test_accuracy': accuracy(model, p, dataset.x_test, dataset.y_test),
-            'early_param_diff': max_abs_diff(early, reference[opt][0]),
-            'max_param_diff': max_abs_diff(p, reference[opt][1]),
-            'param_scale': max(float(np.max(np.abs(a))) for a in jax.tree.leaves(p)),
-        }
+      {
+        'layout': layout,
+        'optimizer': opt,
+        'final_loss': float(np.mean(losses[-10:])),
+        'test_accuracy': accuracy(model, p, dataset.x_test, dataset.y_test),
+        'early_param_diff': max_abs_diff(early, reference[opt][0]),
+        'max_param_diff': max_abs_diff(p, reference[opt][1]),
+        'param_scale': max(float(np.max(np.abs(a))) for a in jax.tree.leaves(p)),
+      }
     )
     print(f'  trained {layout} {opt}: {rows[-1]}', flush=True)
   return rows
@@ -225,10 +223,10 @@ def timing_run(model, mesh, params, dataset, args) -> list[dict]:
     state, batch = v['tx'].init(p), v['place_batch']((x, y))
     compiled, compile_s = v['compile'](p, state, *batch)
     runs[key] = {
-        'compiled': compiled,
-        'args': [p, state, *batch],
-        'compile_s': compile_s,
-        'collectives': xla_utils.collectives(compiled.as_text(), by_branch=True),
+      'compiled': compiled,
+      'args': [p, state, *batch],
+      'compile_s': compile_s,
+      'collectives': xla_utils.collectives(compiled.as_text(), by_branch=True),
     }
     jax.block_until_ready(compiled(*runs[key]['args']))  # warm-up
 
@@ -248,16 +246,16 @@ def timing_run(model, mesh, params, dataset, args) -> list[dict]:
     t = times[(layout, opt)]
     single, adamw = times.get(('1 device', opt)), times.get((layout, 'adamw'))
     out.append(
-        {
-            'layout': layout,
-            'optimizer': opt,
-            'step_ms': 1e3 * float(np.median(t)),
-            'min_step_ms': 1e3 * float(np.min(t)),
-            'vs_one_device': timing.paired_ratio(t, single) if single else None,
-            'vs_adamw': timing.paired_ratio(t, adamw) if adamw else None,
-            'compile_s': run['compile_s'],
-            'collectives': run['collectives'],
-        }
+      {
+        'layout': layout,
+        'optimizer': opt,
+        'step_ms': 1e3 * float(np.median(t)),
+        'min_step_ms': 1e3 * float(np.min(t)),
+        'vs_one_device': timing.paired_ratio(t, single) if single else None,
+        'vs_adamw': timing.paired_ratio(t, adamw) if adamw else None,
+        'compile_s': run['compile_s'],
+        'collectives': run['collectives'],
+      }
     )
   return out
 
@@ -289,15 +287,15 @@ def equivalence_prose(results: dict) -> list[str]:
   worst = max(multi, key=lambda r: r['early_param_diff'])
   within = worst['early_param_diff'] <= EARLY_TOL
   lines.append(
-      f'- After {EARLY_STEPS} steps the largest parameter difference from one device is'
-      f" {worst['early_param_diff']:.1e} ({worst['layout']}, {worst['optimizer']}): "
-      + (
-          f'every layout is within the {EARLY_TOL:.0e} that `tests/test_sharding.py` allows'
-          ' (float32 sums in another order).'
-          if within
-          else f'**above** the {EARLY_TOL:.0e} that `tests/test_sharding.py` allows; the layouts'
-          ' do not compute the same step here.'
-      )
+    f'- After {EARLY_STEPS} steps the largest parameter difference from one device is'
+    f' {worst["early_param_diff"]:.1e} ({worst["layout"]}, {worst["optimizer"]}): '
+    + (
+      f'every layout is within the {EARLY_TOL:.0e} that `tests/test_sharding.py` allows'
+      ' (float32 sums in another order).'
+      if within
+      else f'**above** the {EARLY_TOL:.0e} that `tests/test_sharding.py` allows; the layouts'
+      ' do not compute the same step here.'
+    )
   )
   by_opt = {}
   for r in multi:
@@ -310,32 +308,32 @@ def equivalence_prose(results: dict) -> list[str]:
     f3eo_worst = max(v for o, v in final.items() if o != 'adamw')
     factor = f3eo_worst / final['adamw'] if final['adamw'] > 0 else float('inf')
     sentence += (
-        f" AdamW, which has no meta term, drifts by {final['adamw']:.1e} (float32 summation"
-        ' order only); the largest F3EO drift is'
-        + (
-            f' {factor:.1f}× that, of the same order.'
-            if factor <= 10
-            else f' {factor:.0f}× that: more than summation-order noise explains.'
-        )
+      f' AdamW, which has no meta term, drifts by {final["adamw"]:.1e} (float32 summation'
+      ' order only); the largest F3EO drift is'
+      + (
+        f' {factor:.1f}× that, of the same order.'
+        if factor <= 10
+        else f' {factor:.0f}× that: more than summation-order noise explains.'
+      )
     )
   lines.append(sentence)
   ones = {r['optimizer']: r for r in rows if r['layout'] == '1 device'}
   d_loss = max(
-      abs(r['final_loss'] - ones[r['optimizer']]['final_loss'])
-      / max(ones[r['optimizer']]['final_loss'], 1e-12)
-      for r in multi
+    abs(r['final_loss'] - ones[r['optimizer']]['final_loss'])
+    / max(ones[r['optimizer']]['final_loss'], 1e-12)
+    for r in multi
   )
   d_acc = max(abs(r['test_accuracy'] - ones[r['optimizer']]['test_accuracy']) for r in multi)
   agree = d_acc <= 0.01 and d_loss <= 0.1
   lines.append(
-      f'- Against the one-device run of the same optimizer, the final training loss (mean of the'
-      f' last 10 steps) differs by at most {100 * d_loss:.1f}% and the test accuracy by at most'
-      f' {100 * d_acc:.1f} percentage points: '
-      + (
-          'they agree within 10% and 1 point.'
-          if agree
-          else 'beyond 10% or 1 point, so the runs do **not** agree at the end.'
-      )
+    f'- Against the one-device run of the same optimizer, the final training loss (mean of the'
+    f' last 10 steps) differs by at most {100 * d_loss:.1f}% and the test accuracy by at most'
+    f' {100 * d_acc:.1f} percentage points: '
+    + (
+      'they agree within 10% and 1 point.'
+      if agree
+      else 'beyond 10% or 1 point, so the runs do **not** agree at the end.'
+    )
   )
   return lines
 
@@ -349,20 +347,20 @@ def traffic_prose(results: dict) -> list[str]:
   if multi:
     lo, hi = min(r['vs_one_device'] for r in multi), max(r['vs_one_device'] for r in multi)
     lines.append(
-        f'- The 8 simulated devices share {cores} CPU cores, so a layout against one device'
-        f' measures the cost of partitioning (collectives through memory, per-device dispatch,'
-        f' smaller kernels), not a speed-up: here {lo:.2f}× to {hi:.2f}× the one-device step.'
+      f'- The 8 simulated devices share {cores} CPU cores, so a layout against one device'
+      f' measures the cost of partitioning (collectives through memory, per-device dispatch,'
+      f' smaller kernels), not a speed-up: here {lo:.2f}× to {hi:.2f}× the one-device step.'
     )
   ratios = [
-      (layout, rows[(layout, 'f3eo')]['vs_adamw'])
-      for layout in LAYOUTS
-      if (layout, 'f3eo') in rows and rows[(layout, 'f3eo')]['vs_adamw']
+    (layout, rows[(layout, 'f3eo')]['vs_adamw'])
+    for layout in LAYOUTS
+    if (layout, 'f3eo') in rows and rows[(layout, 'f3eo')]['vs_adamw']
   ]
   if ratios:
     lines.append(
-        '- F3EO step / AdamW step in the same layout: '
-        + ', '.join(f'{r:.2f}× ({layout})' for layout, r in ratios)
-        + '.'
+      '- F3EO step / AdamW step in the same layout: '
+      + ', '.join(f'{r:.2f}× ({layout})' for layout, r in ratios)
+      + '.'
     )
   for layout in LAYOUTS[1:]:
     a, f = rows.get((layout, 'adamw')), rows.get((layout, 'f3eo'))
@@ -372,22 +370,22 @@ def traffic_prose(results: dict) -> list[str]:
     extra = ef - ea
     # within two elements: the scalar loss may be reduced in the same op
     what = (
-        'exactly one more parameter-sized all-reduce'
-        if abs(extra - 1) * n <= 2
-        else f'{extra:.2f} parameter counts more'
+      'exactly one more parameter-sized all-reduce'
+      if abs(extra - 1) * n <= 2
+      else f'{extra:.2f} parameter counts more'
     )
     lines.append(
-        f'- {layout}: AdamW all-reduces {ea:.2f}× the parameter count per step'
-        f" ({_count(_ops(a, 'always'), 'op')}), F3EO {ef:.2f}×"
-        f" ({_count(_ops(f, 'always'), 'op')}): {what}"
-        f'{f", {ef / ea:.2f}× AdamW" if ea else ""}.'
+      f'- {layout}: AdamW all-reduces {ea:.2f}× the parameter count per step'
+      f' ({_count(_ops(a, "always"), "op")}), F3EO {ef:.2f}×'
+      f' ({_count(_ops(f, "always"), "op")}): {what}'
+      f'{f", {ef / ea:.2f}× AdamW" if ea else ""}.'
     )
   every = rows.get(('jit', 'f3eo hvp_every=10'))
   if every:
     lines.append(
-        f"- jit, `hvp_every=10`: {_elements(every, 'always') / n:.2f}× the parameter count is"
-        f" all-reduced on every step and {_elements(every, 'in_cond') / n:.2f}× inside the"
-        ' `lax.cond` branch, which runs on one step in 10.'
+      f'- jit, `hvp_every=10`: {_elements(every, "always") / n:.2f}× the parameter count is'
+      f' all-reduced on every step and {_elements(every, "in_cond") / n:.2f}× inside the'
+      ' `lax.cond` branch, which runs on one step in 10.'
     )
   gathers = {f'{r["layout"]}, {r["optimizer"]}': _gathers(r) for r in results['timing']}
   if not any(gathers.values()):
@@ -398,13 +396,13 @@ def traffic_prose(results: dict) -> list[str]:
   if all(vma) and _elements(vma[1], 'always'):
     factor = _elements(vma[0], 'always') / _elements(vma[1], 'always')
     lines += [
-        '',
-        'On real accelerators a ring all-reduce of `N` float32 parameters over `d` devices'
-        ' moves about `2·(d−1)/d · 4N` bytes per device, so with the volumes counted above'
-        f' F3EO moves {factor:.2f}× the bytes AdamW moves per step under `shard_map`.'
-        ' Whether that shows in the step time depends on the ratio of compute to bandwidth;'
-        ' `hvp_every=k` moves the product and its all-reduce into the branch that runs on one'
-        ' step in `k`. Not measured here (one host, simulated devices).',
+      '',
+      'On real accelerators a ring all-reduce of `N` float32 parameters over `d` devices'
+      ' moves about `2·(d−1)/d · 4N` bytes per device, so with the volumes counted above'
+      f' F3EO moves {factor:.2f}× the bytes AdamW moves per step under `shard_map`.'
+      ' Whether that shows in the step time depends on the ratio of compute to bandwidth;'
+      ' `hvp_every=k` moves the product and its all-reduce into the branch that runs on one'
+      ' step in `k`. Not measured here (one host, simulated devices).',
     ]
   return lines
 
@@ -436,86 +434,86 @@ writes each host's shards.
 def write_report(results: dict, out_dir: Path) -> Path:
   n = results['num_params']
   lines = [
-      '# F3EO across devices: data parallelism on 8 simulated CPU devices',
-      '',
-      reporting.machine_paragraph(results['machine']),
-      '',
-      f"Model: MLP {results['hidden']} on MNIST-1D ({n:,} parameters), global batch"
-      f" {results['batch']} ({results['batch'] // NUM_DEVICES} per device), learning rate"
-      f" {results['lr']}, weight decay {registry.DEFAULT_WEIGHT_DECAY:g}; optimizers from"
-      ' `benchmarks/registry.py`.',
-      '',
-      '## Same result on one device and on eight',
-      '',
-      f"{results['train_steps']} steps from the same initialisation and batches; max abs"
-      ' difference of the params from the same optimizer on one device.',
-      '',
-      reporting.markdown_table(
-          [
-              'layout',
-              'optimizer',
-              'final train loss',
-              'test accuracy',
-              f'Δθ after {EARLY_STEPS} steps',
-              f"Δθ after {results['train_steps']}",
-          ],
-          [
-              [
-                  r['layout'],
-                  r['optimizer'],
-                  f"{r['final_loss']:.4f}",
-                  f"{100 * r['test_accuracy']:.1f}%",
-                  f"{r['early_param_diff']:.1e}",
-                  f"{r['max_param_diff']:.1e}",
-              ]
-              for r in results['equivalence']
-          ],
-          'llrrrr',
-      ),
-      '',
-      *equivalence_prose(results),
-      '',
-      '## Step time and collectives',
-      '',
-      f"Median (and minimum) over {results['rounds']} interleaved rounds of"
-      f" {results['steps_per_round']} steps; ratios are medians of per-round side-by-side ratios."
-      ' All-reduce elements are per step and per device, in units of the parameter count.',
-      '',
+    '# F3EO across devices: data parallelism on 8 simulated CPU devices',
+    '',
+    reporting.machine_paragraph(results['machine']),
+    '',
+    f'Model: MLP {results["hidden"]} on MNIST-1D ({n:,} parameters), global batch'
+    f' {results["batch"]} ({results["batch"] // NUM_DEVICES} per device), learning rate'
+    f' {results["lr"]}, weight decay {registry.DEFAULT_WEIGHT_DECAY:g}; optimizers from'
+    ' `benchmarks/registry.py`.',
+    '',
+    '## Same result on one device and on eight',
+    '',
+    f'{results["train_steps"]} steps from the same initialisation and batches; max abs'
+    ' difference of the params from the same optimizer on one device.',
+    '',
+    reporting.markdown_table(
+      [
+        'layout',
+        'optimizer',
+        'final train loss',
+        'test accuracy',
+        f'Δθ after {EARLY_STEPS} steps',
+        f'Δθ after {results["train_steps"]}',
+      ],
+      [
+        [
+          r['layout'],
+          r['optimizer'],
+          f'{r["final_loss"]:.4f}',
+          f'{100 * r["test_accuracy"]:.1f}%',
+          f'{r["early_param_diff"]:.1e}',
+          f'{r["max_param_diff"]:.1e}',
+        ]
+        for r in results['equivalence']
+      ],
+      'llrrrr',
+    ),
+    '',
+    *equivalence_prose(results),
+    '',
+    '## Step time and collectives',
+    '',
+    f'Median (and minimum) over {results["rounds"]} interleaved rounds of'
+    f' {results["steps_per_round"]} steps; ratios are medians of per-round side-by-side ratios.'
+    ' All-reduce elements are per step and per device, in units of the parameter count.',
+    '',
   ]
   table = []
   for r in results['timing']:
-    cond = f"{_ops(r, 'in_cond')}, {_elements(r, 'in_cond') / n:.2f}" if _ops(r, 'in_cond') else '–'
+    cond = f'{_ops(r, "in_cond")}, {_elements(r, "in_cond") / n:.2f}' if _ops(r, 'in_cond') else '–'
     table.append(
-        [
-            r['layout'],
-            r['optimizer'],
-            f"{r['step_ms']:.2f} ({r['min_step_ms']:.2f})",
-            f"{r['vs_one_device']:.2f}×" if r['vs_one_device'] else '–',
-            f"{r['vs_adamw']:.2f}×" if r['vs_adamw'] else '–',
-            f"{_ops(r, 'always')}, {_elements(r, 'always') / n:.2f}",
-            cond,
-            _gathers(r),
-        ]
+      [
+        r['layout'],
+        r['optimizer'],
+        f'{r["step_ms"]:.2f} ({r["min_step_ms"]:.2f})',
+        f'{r["vs_one_device"]:.2f}×' if r['vs_one_device'] else '–',
+        f'{r["vs_adamw"]:.2f}×' if r['vs_adamw'] else '–',
+        f'{_ops(r, "always")}, {_elements(r, "always") / n:.2f}',
+        cond,
+        _gathers(r),
+      ]
     )
   lines += [
-      reporting.markdown_table(
-          [
-              'layout',
-              'optimizer',
-              'step (ms)',
-              'vs 1 device, same optimizer',
-              'vs AdamW, same layout',
-              'all-reduces: ops, elements / params',
-              'in cond (1 step in k)',
-              'all-gathers',
-          ],
-          table,
-          'llrrrrrr',
-      ),
-      '',
-      *traffic_prose(results),
-      '',
-      MULTI_HOST,
+    reporting.markdown_table(
+      [
+        'layout',
+        'optimizer',
+        'step (ms)',
+        'vs 1 device, same optimizer',
+        'vs AdamW, same layout',
+        'all-reduces: ops, elements / params',
+        'in cond (1 step in k)',
+        'all-gathers',
+      ],
+      table,
+      'llrrrrrr',
+    ),
+    '',
+    *traffic_prose(results),
+    '',
+    MULTI_HOST,
   ]
   md = out_dir / 'data_parallel.md'
   reporting.write_text(str(md), '\n'.join(lines))
@@ -537,8 +535,8 @@ def main(argv=None) -> None:
     args.train_steps, args.rounds, args.steps_per_round = 10, 2, 2
   if jax.device_count() != NUM_DEVICES:
     raise RuntimeError(
-        f'expected {NUM_DEVICES} devices, got {jax.devices()}: JAX was initialised'
-        ' before this script set XLA_FLAGS.'
+      f'expected {NUM_DEVICES} devices, got {jax.devices()}: JAX was initialised'
+      ' before this script set XLA_FLAGS.'
     )
   if args.batch % NUM_DEVICES:
     raise ValueError(f'--batch must be divisible by {NUM_DEVICES}, got {args.batch}.')
@@ -554,15 +552,15 @@ def main(argv=None) -> None:
   params = model.init(jax.random.key(0), jnp.zeros((1, *dataset.x_train.shape[1:])))['params']
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(AxisType.Auto,))
   results = {
-      'machine': machine,
-      'hidden': list(hidden),
-      'batch': args.batch,
-      'lr': args.lr,
-      'num_params': sum(int(p.size) for p in jax.tree.leaves(params)),
-      'train_steps': args.train_steps,
-      'rounds': args.rounds,
-      'steps_per_round': args.steps_per_round,
-      'quick': args.quick,
+    'machine': machine,
+    'hidden': list(hidden),
+    'batch': args.batch,
+    'lr': args.lr,
+    'num_params': sum(int(p.size) for p in jax.tree.leaves(params)),
+    'train_steps': args.train_steps,
+    'rounds': args.rounds,
+    'steps_per_round': args.steps_per_round,
+    'quick': args.quick,
   }
   print('equivalence run', flush=True)
   results['equivalence'] = equivalence_run(model, mesh, params, dataset, args)
@@ -570,10 +568,10 @@ def main(argv=None) -> None:
   results['timing'] = timing_run(model, mesh, params, dataset, args)
   for r in results['timing']:
     print(
-        f"  {r['layout']}, {r['optimizer']}: {r['step_ms']:.2f} ms  {r['collectives']}", flush=True
+      f'  {r["layout"]}, {r["optimizer"]}: {r["step_ms"]:.2f} ms  {r["collectives"]}', flush=True
     )
   machine.update(
-      load_average_end=reporting.load_average(), total_wall_time_s=time.perf_counter() - start
+    load_average_end=reporting.load_average(), total_wall_time_s=time.perf_counter() - start
   )
   md = write_report(results, out_dir)
   reporting.write_json(str(out_dir / 'data_parallel.json'), results)

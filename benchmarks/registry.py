@@ -52,12 +52,9 @@ WEIGHT_DECAY_SWEEP = (1e-4, 1e-2, 1e-1)
 # The study grid's axes, in the order of the names.
 SIGNS = {'theory': 1.0, 'published': -2.0}
 CAPS = {
-    'uncapped': dict(meta_clip_norm=None, meta_max_ratio=None),
-    'clip1': dict(meta_clip_norm=1.0, meta_max_ratio=None),
-    **{
-        f'rho{rho:g}': dict(meta_clip_norm=None, meta_max_ratio=rho)
-        for rho in (0.03, 0.1, 0.3, 1.0)
-    },
+  'uncapped': dict(meta_clip_norm=None, meta_max_ratio=None),
+  'clip1': dict(meta_clip_norm=1.0, meta_max_ratio=None),
+  **{f'rho{rho:g}': dict(meta_clip_norm=None, meta_max_ratio=rho) for rho in (0.03, 0.1, 0.3, 1.0)},
 }
 PROJECTIONS = ('global', 'per_leaf')
 
@@ -135,12 +132,12 @@ class Variant:
     _check_overrides(self, overrides)
     suffix = ','.join(f'{k}={v}' for k, v in sorted(overrides.items()))
     return dataclasses.replace(
-        self,
-        name=f'{self.name}+{suffix}',
-        label=f'{self.label}, {suffix}',
-        build=_Bound(self.build, tuple(sorted(overrides.items()))),
-        options={**self.options, **overrides},
-        accepts=self.accepts - set(overrides),
+      self,
+      name=f'{self.name}+{suffix}',
+      label=f'{self.label}, {suffix}',
+      build=_Bound(self.build, tuple(sorted(overrides.items()))),
+      options={**self.options, **overrides},
+      accepts=self.accepts - set(overrides),
     )
 
 
@@ -174,14 +171,14 @@ def _f3eo_build(**options: Any) -> Callable[..., optax.GradientTransformation]:
 
 def _f3eo_variant(name: str, label: str, **options: Any) -> Variant:
   return Variant(
-      name=name,
-      label=label,
-      build=_f3eo_build(**options),
-      learning_rate=ADAM_LEARNING_RATE,
-      sweep=ADAM_SWEEP,
-      uses_obj_fn=True,
-      options=options,
-      accepts=_keywords(f3eo_jax.f3eo, 'learning_rate', 'weight_decay', *options),
+    name=name,
+    label=label,
+    build=_f3eo_build(**options),
+    learning_rate=ADAM_LEARNING_RATE,
+    sweep=ADAM_SWEEP,
+    uses_obj_fn=True,
+    options=options,
+    accepts=_keywords(f3eo_jax.f3eo, 'learning_rate', 'weight_decay', *options),
   )
 
 
@@ -193,13 +190,13 @@ def _grid() -> list[Variant]:
         ratio = cap_options['meta_max_ratio']
         cap_label = cap if ratio is None else f'ρ={ratio:g}'
         out.append(
-            _f3eo_variant(
-                f'f3eo_{sign}_{cap}_{projection}',
-                f"F3EO {sign}, {cap_label}, {projection.replace('_', '-')}",
-                meta_coef=meta_coef,
-                projection=projection,
-                **cap_options,
-            )
+          _f3eo_variant(
+            f'f3eo_{sign}_{cap}_{projection}',
+            f'F3EO {sign}, {cap_label}, {projection.replace("_", "-")}',
+            meta_coef=meta_coef,
+            projection=projection,
+            **cap_options,
+          )
         )
   return out
 
@@ -219,54 +216,54 @@ def _sgd(learning_rate, weight_decay, **overrides):
 
 def _all_variants() -> dict[str, Variant]:
   variants = [
-      Variant(
-          'f3eo',
-          'F3EO (library default)',
-          _f3eo_build(),
-          ADAM_LEARNING_RATE,
-          ADAM_SWEEP,
-          True,
-          accepts=_keywords(f3eo_jax.f3eo, 'learning_rate', 'weight_decay'),
-      ),
-      Variant(
-          'f3eo_reference',
-          'F3EO (published rule)',
-          _reference,
-          ADAM_LEARNING_RATE,
-          ADAM_SWEEP,
-          True,
-          options=dict(meta_coef=-2.0, projection='per_leaf', meta_clip_norm=1.0),
-          accepts=_keywords(f3eo_jax.f3eo_reference, 'learning_rate', 'weight_decay'),
-      ),
-      *_grid(),
-      Variant(
-          'adamw',
-          'AdamW',
-          _adamw,
-          ADAM_LEARNING_RATE,
-          ADAM_SWEEP,
-          False,
-          accepts=_keywords(optax.adamw, 'learning_rate', 'weight_decay'),
-      ),
-      Variant(
-          'adamw_wd',
-          'AdamW (tuned weight decay)',
-          _adamw,
-          ADAM_LEARNING_RATE,
-          tuple(Hyperparams(lr, wd) for lr in ADAM_SWEEP for wd in WEIGHT_DECAY_SWEEP),
-          False,
-          accepts=_keywords(optax.adamw, 'learning_rate', 'weight_decay'),
-      ),
-      Variant(
-          'sgd',
-          'SGD, momentum 0.9',
-          _sgd,
-          SGD_LEARNING_RATE,
-          SGD_SWEEP,
-          False,
-          accepts=_keywords(optax.sgd, 'learning_rate', 'momentum'),
-          has_weight_decay=False,
-      ),
+    Variant(
+      'f3eo',
+      'F3EO (library default)',
+      _f3eo_build(),
+      ADAM_LEARNING_RATE,
+      ADAM_SWEEP,
+      True,
+      accepts=_keywords(f3eo_jax.f3eo, 'learning_rate', 'weight_decay'),
+    ),
+    Variant(
+      'f3eo_reference',
+      'F3EO (published rule)',
+      _reference,
+      ADAM_LEARNING_RATE,
+      ADAM_SWEEP,
+      True,
+      options=dict(meta_coef=-2.0, projection='per_leaf', meta_clip_norm=1.0),
+      accepts=_keywords(f3eo_jax.f3eo_reference, 'learning_rate', 'weight_decay'),
+    ),
+    *_grid(),
+    Variant(
+      'adamw',
+      'AdamW',
+      _adamw,
+      ADAM_LEARNING_RATE,
+      ADAM_SWEEP,
+      False,
+      accepts=_keywords(optax.adamw, 'learning_rate', 'weight_decay'),
+    ),
+    Variant(
+      'adamw_wd',
+      'AdamW (tuned weight decay)',
+      _adamw,
+      ADAM_LEARNING_RATE,
+      tuple(Hyperparams(lr, wd) for lr in ADAM_SWEEP for wd in WEIGHT_DECAY_SWEEP),
+      False,
+      accepts=_keywords(optax.adamw, 'learning_rate', 'weight_decay'),
+    ),
+    Variant(
+      'sgd',
+      'SGD, momentum 0.9',
+      _sgd,
+      SGD_LEARNING_RATE,
+      SGD_SWEEP,
+      False,
+      accepts=_keywords(optax.sgd, 'learning_rate', 'momentum'),
+      has_weight_decay=False,
+    ),
   ]
   return {v.name: v for v in variants}
 
@@ -294,22 +291,22 @@ def _check_overrides(variant: Variant, overrides: Mapping[str, Any]) -> None:
   for key in overrides:
     if key in variant.options:
       raise ValueError(
-          f'option {key!r} defines variant {variant.name!r} ({key}={variant.options[key]!r});'
-          ' choose the variant that has the value you want instead of overriding it.'
+        f'option {key!r} defines variant {variant.name!r} ({key}={variant.options[key]!r});'
+        ' choose the variant that has the value you want instead of overriding it.'
       )
     if key not in variant.accepts:
       raise ValueError(
-          f'variant {variant.name!r} does not accept option {key!r} (it would be ignored);'
-          f' it accepts {sorted(variant.accepts)}.'
+        f'variant {variant.name!r} does not accept option {key!r} (it would be ignored);'
+        f' it accepts {sorted(variant.accepts)}.'
       )
 
 
 def make(
-    name: str | Variant,
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    weight_decay: Any = None,
-    **overrides: Any,
+  name: str | Variant,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_decay: Any = None,
+  **overrides: Any,
 ) -> optax.GradientTransformation:
   """Builds the optimizer of variant ``name``.
 
@@ -336,8 +333,8 @@ def make(
   if not variant.has_weight_decay:
     if weight_decay is not None:
       raise ValueError(
-          f"variant {variant.name!r} does not accept option 'weight_decay' (it has no weight"
-          ' decay); pass weight_decay=None.'
+        f"variant {variant.name!r} does not accept option 'weight_decay' (it has no weight"
+        ' decay); pass weight_decay=None.'
       )
     return variant.build(learning_rate, None, **overrides)
   if weight_decay is None:

@@ -86,23 +86,21 @@ def machine_info(packages: Sequence[str] = ()) -> dict[str, Any]:
   versions.update({p: _version(p) for p in (*VERSIONED_PACKAGES, *packages)})
   argv = list(sys.argv)
   if (
-      argv
-      and argv[0].endswith('.py')
-      and os.sep + 'benchmarks' + os.sep in os.path.abspath(argv[0])
+    argv and argv[0].endswith('.py') and os.sep + 'benchmarks' + os.sep in os.path.abspath(argv[0])
   ):
     module = os.path.splitext(os.path.basename(argv[0]))[0]
     argv = ['-m', f'benchmarks.{module}', *argv[1:]]  # run as `python -m benchmarks.x`
   return {
-      'cpu': cpu_model(),
-      'cpu_count': os.cpu_count(),
-      'cores_available': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
-      'load_average': load_average(),
-      'platform': platform.platform(),
-      'jax_backend': jax.default_backend(),
-      'devices': [str(d) for d in jax.devices()],
-      'versions': versions,
-      'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
-      'command': 'python ' + shlex.join(argv),
+    'cpu': cpu_model(),
+    'cpu_count': os.cpu_count(),
+    'cores_available': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None,
+    'load_average': load_average(),
+    'platform': platform.platform(),
+    'jax_backend': jax.default_backend(),
+    'devices': [str(d) for d in jax.devices()],
+    'versions': versions,
+    'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+    'command': 'python ' + shlex.join(argv),
   }
 
 
@@ -110,19 +108,17 @@ def machine_paragraph(info: Mapping[str, Any]) -> str:
   """``machine_info()`` (plus ``total_wall_time_s``/``load_average_end`` if set) as prose."""
   load = lambda v: ', '.join(f'{x:.1f}' for x in v) if v else 'n/a'
   lines = [
-      f"Command: `{info['command']}`  ",
-      f"Machine: {info['cpu']}, {info['cores_available']} cores available ({info['cpu_count']}"
-      f" in total), JAX backend {info['jax_backend']}; load average {load(info['load_average'])}"
-      ' at the start'
-      + (f", {load(info['load_average_end'])} at the end" if info.get('load_average_end') else '')
-      + '.  ',
-      'Versions: ' + ', '.join(f'{k} {v}' for k, v in info['versions'].items()) + '.  ',
-      f"Date: {info['date_utc']}."
-      + (
-          f" Whole command: {info['total_wall_time_s']:.0f} s."
-          if 'total_wall_time_s' in info
-          else ''
-      ),
+    f'Command: `{info["command"]}`  ',
+    f'Machine: {info["cpu"]}, {info["cores_available"]} cores available ({info["cpu_count"]}'
+    f' in total), JAX backend {info["jax_backend"]}; load average {load(info["load_average"])}'
+    ' at the start'
+    + (f', {load(info["load_average_end"])} at the end' if info.get('load_average_end') else '')
+    + '.  ',
+    'Versions: ' + ', '.join(f'{k} {v}' for k, v in info['versions'].items()) + '.  ',
+    f'Date: {info["date_utc"]}.'
+    + (
+      f' Whole command: {info["total_wall_time_s"]:.0f} s.' if 'total_wall_time_s' in info else ''
+    ),
   ]
   return '\n'.join(lines)
 
@@ -234,25 +230,25 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     mean = lambda key, group=group: float(np.mean([r[key] for r in group]))
     metric_mean, metric_std = mean_std([r['final_metric'] for r in group])
     rows.append(
-        {
-            'task': task,
-            'variant': variant,
-            'label': group[0]['label'],
-            'learning_rate': config['learning_rate'],
-            'weight_decay': group[0]['weight_decay'],
-            'steps': config['num_steps'],
-            'seeds': len(group),
-            'diverged': sum(bool(r['diverged']) for r in group),
-            'metric': [r['final_metric'] for r in group],
-            'metric_mean': metric_mean,
-            'metric_std': metric_std,
-            'best_metric': mean('best_metric'),
-            'eval_loss': mean('final_eval_loss'),
-            'train_loss': mean('final_train_loss'),
-            'train_time_s': mean('train_time_s'),
-            'steps_per_s': mean('steps_per_s'),
-            'compile_time_s': float(sum(r['compile_time_s'] for r in group)),
-        }
+      {
+        'task': task,
+        'variant': variant,
+        'label': group[0]['label'],
+        'learning_rate': config['learning_rate'],
+        'weight_decay': group[0]['weight_decay'],
+        'steps': config['num_steps'],
+        'seeds': len(group),
+        'diverged': sum(bool(r['diverged']) for r in group),
+        'metric': [r['final_metric'] for r in group],
+        'metric_mean': metric_mean,
+        'metric_std': metric_std,
+        'best_metric': mean('best_metric'),
+        'eval_loss': mean('final_eval_loss'),
+        'train_loss': mean('final_train_loss'),
+        'train_time_s': mean('train_time_s'),
+        'steps_per_s': mean('steps_per_s'),
+        'compile_time_s': float(sum(r['compile_time_s'] for r in group)),
+      }
     )
   return rows
 
@@ -260,41 +256,41 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def results_table(rows: Sequence[Mapping[str, Any]], tasks: Mapping[str, Any]) -> str:
   """The rows of :func:`summarize` as one markdown table (``tasks``: name -> Task)."""
   header = [
-      'task',
-      'optimizer',
-      'lr',
-      'wd',
-      'steps',
-      'seeds',
-      'metric',
-      'final',
-      'best',
-      'eval loss',
-      'train loss',
-      'train s',
-      'steps/s',
+    'task',
+    'optimizer',
+    'lr',
+    'wd',
+    'steps',
+    'seeds',
+    'metric',
+    'final',
+    'best',
+    'eval loss',
+    'train loss',
+    'train s',
+    'steps/s',
   ]
   body = []
   for r in rows:
     task = tasks[r['task']]
     kind = task.metric_kind
-    wd = 'none' if r['weight_decay'] is None else f"{r['weight_decay']:g}"
+    wd = 'none' if r['weight_decay'] is None else f'{r["weight_decay"]:g}'
     body.append(
-        [
-            task.label,
-            r['label'],
-            f"{r['learning_rate']:g}",
-            wd,
-            r['steps'],
-            r['seeds'],
-            task.metric,
-            format_mean_std(r['metric'], kind, r['diverged']),
-            format_value(r['best_metric'], kind),
-            f"{r['eval_loss']:.4g}",
-            f"{r['train_loss']:.4g}",
-            f"{r['train_time_s']:.1f}",
-            f"{r['steps_per_s']:.0f}",
-        ]
+      [
+        task.label,
+        r['label'],
+        f'{r["learning_rate"]:g}',
+        wd,
+        r['steps'],
+        r['seeds'],
+        task.metric,
+        format_mean_std(r['metric'], kind, r['diverged']),
+        format_value(r['best_metric'], kind),
+        f'{r["eval_loss"]:.4g}',
+        f'{r["train_loss"]:.4g}',
+        f'{r["train_time_s"]:.1f}',
+        f'{r["steps_per_s"]:.0f}',
+      ]
     )
   return markdown_table(header, body)
 
@@ -313,7 +309,7 @@ def ranks(values: Mapping[str, float], higher_is_better: bool) -> dict[str, floa
 
 
 def mean_ranks(
-    per_task: Mapping[str, Mapping[str, float]], tasks: Mapping[str, Any]
+  per_task: Mapping[str, Mapping[str, float]], tasks: Mapping[str, Any]
 ) -> dict[str, float]:
   """Mean over tasks of each variant's rank (``per_task``: task -> variant -> metric)."""
   totals: dict[str, list[float]] = {}
@@ -321,7 +317,7 @@ def mean_ranks(
     for name, rank in ranks(values, tasks[task_name].higher_is_better).items():
       totals.setdefault(name, []).append(rank)
   return {
-      name: float(np.mean(r)) for name, r in sorted(totals.items(), key=lambda kv: np.mean(kv[1]))
+    name: float(np.mean(r)) for name, r in sorted(totals.items(), key=lambda kv: np.mean(kv[1]))
   }
 
 
@@ -333,8 +329,8 @@ def downsample(run: Mapping[str, Any], max_points: int = 250) -> dict[str, Any]:
   every = max(1, math.ceil(n / max_points))
   if every > 1:
     out['step_values'] = {
-        k: [float(np.mean(v[i : i + every])) for i in range(0, len(v), every)]
-        for k, v in values.items()
+      k: [float(np.mean(v[i : i + every])) for i in range(0, len(v), every)]
+      for k, v in values.items()
     }
   out['step_values_every'] = run.get('step_values_every', 1) * every
   return out
@@ -374,10 +370,10 @@ def _mean_curve(group, key, x_key):
 
 
 def plot_curves(
-    runs: Sequence[Mapping[str, Any]],
-    tasks: Mapping[str, Any],
-    path: str,
-    x_keys: Sequence[str] = ('eval_steps', 'wall_time'),
+  runs: Sequence[Mapping[str, Any]],
+  tasks: Mapping[str, Any],
+  path: str,
+  x_keys: Sequence[str] = ('eval_steps', 'wall_time'),
 ) -> str:
   """The metric against steps and against training wall-clock, one row per task.
 
@@ -387,7 +383,7 @@ def plot_curves(
   plt = _pyplot()
   by_task = _by_task(runs)
   fig, axes = plt.subplots(
-      len(by_task), len(x_keys), figsize=(6.5 * len(x_keys), 3.8 * len(by_task)), squeeze=False
+    len(by_task), len(x_keys), figsize=(6.5 * len(x_keys), 3.8 * len(by_task)), squeeze=False
   )
   xlabels = {'eval_steps': 'step', 'wall_time': 'training wall-clock (s)'}
   for row, (task_name, groups) in enumerate(by_task.items()):
@@ -401,16 +397,16 @@ def plot_curves(
           ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
       for name, value in task.references.items():
         ax.axhline(
-            value,
-            color='gray',
-            ls='--',
-            lw=1,
-            label=f'{name}: {format_value(value, task.metric_kind)}',
+          value,
+          color='gray',
+          ls='--',
+          lw=1,
+          label=f'{name}: {format_value(value, task.metric_kind)}',
         )
       if not task.higher_is_better:
         ax.set_yscale('log')
       ax.set(
-          xlabel=xlabels.get(x_key, x_key), ylabel=task.metric, title=f'{task.label}: {task.metric}'
+        xlabel=xlabels.get(x_key, x_key), ylabel=task.metric, title=f'{task.label}: {task.metric}'
       )
       ax.grid(alpha=0.3)
       ax.legend(fontsize=7)
@@ -418,22 +414,22 @@ def plot_curves(
 
 
 def plot_diagnostics(
-    runs: Sequence[Mapping[str, Any]],
-    tasks: Mapping[str, Any],
-    path: str,
-    keys: Sequence[str] = ('grad_sq_norm', 'cos_g_hg', 'meta_norm'),
+  runs: Sequence[Mapping[str, Any]],
+  tasks: Mapping[str, Any],
+  path: str,
+  keys: Sequence[str] = ('grad_sq_norm', 'cos_g_hg', 'meta_norm'),
 ) -> str:
   """Per-step ‖g‖² (every optimizer), cos(g, H·g) and ‖m⊥‖ (F3EO), means over seeds."""
   plt = _pyplot()
   by_task = _by_task(runs)
   titles = {
-      'grad_sq_norm': 'minibatch ‖g‖² (Fisher-trace estimate)',
-      'cos_g_hg': 'cos(g, H·g)',
-      'meta_norm': '‖m⊥‖ (meta term applied)',
-      'cap_scale': 'relative-cap factor',
+    'grad_sq_norm': 'minibatch ‖g‖² (Fisher-trace estimate)',
+    'cos_g_hg': 'cos(g, H·g)',
+    'meta_norm': '‖m⊥‖ (meta term applied)',
+    'cap_scale': 'relative-cap factor',
   }
   fig, axes = plt.subplots(
-      len(by_task), len(keys), figsize=(6 * len(keys), 3.6 * len(by_task)), squeeze=False
+    len(by_task), len(keys), figsize=(6 * len(keys), 3.6 * len(by_task)), squeeze=False
   )
   for row, (task_name, groups) in enumerate(by_task.items()):
     for col, key in enumerate(keys):
@@ -459,10 +455,10 @@ def plot_diagnostics(
 
 
 def pivot_table(
-    cells: Mapping[str, Mapping[str, str]],
-    columns: Sequence[str],
-    extra: Mapping[str, Mapping[str, str]] | None = None,
-    first: str = 'optimizer',
+  cells: Mapping[str, Mapping[str, str]],
+  columns: Sequence[str],
+  extra: Mapping[str, Mapping[str, str]] | None = None,
+  first: str = 'optimizer',
 ) -> str:
   """Rows × columns of ready-made cells (``cells[row][column]``; missing cells are blank).
 
@@ -471,7 +467,7 @@ def pivot_table(
   extra = extra or {}
   header = [first, *columns, *extra]
   body = [
-      [row, *(cells[row].get(c, '') for c in columns), *(e.get(row, '') for e in extra.values())]
-      for row in cells
+    [row, *(cells[row].get(c, '') for c in columns), *(e.get(row, '') for e in extra.values())]
+    for row in cells
   ]
   return markdown_table(header, body)

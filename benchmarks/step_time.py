@@ -113,99 +113,97 @@ class JaxVariant:
 
 EVERY = (('hvp_every', HVP_EVERY),)
 JAX_VARIANTS = {
-    'adamw': JaxVariant('adamw', 'none', how='`optax.adamw`'),
-    'f3eo': JaxVariant('f3eo', 'obj_fn', how='exact, `obj_fn=`'),
-    'f3eo_linearize': JaxVariant(
-        'f3eo', 'linearize', how='exact, `value_grad_and_hvp` + `hvp_fn=`'
-    ),
-    'f3eo_every10': JaxVariant(
-        'f3eo', 'obj_fn', overrides=EVERY, how='`hvp_every=10`, `lax.cond`, `obj_fn=`'
-    ),
-    'f3eo_every10_linearize': JaxVariant(
-        'f3eo', 'linearize', overrides=EVERY, how='`hvp_every=10`, `lax.cond`, `hvp_fn=`'
-    ),
-    'f3eo_every10_python': JaxVariant(
-        'f3eo',
-        'obj_fn',
-        python_refresh=True,
-        overrides=EVERY,
-        how='`hvp_every=10`, two steps, `refresh_hvp=True/False`',
-    ),
-    'f3eo_every10_reuse': JaxVariant(
-        'f3eo',
-        'obj_fn',
-        python_refresh=True,
-        reuse_only=True,
-        overrides=EVERY,
-        how='`hvp_every=10`, the `refresh_hvp=False` step alone',
-    ),
-    'f3eo_reference': JaxVariant('f3eo_reference', 'obj_fn', how='published rule, `obj_fn=`'),
-    'f3eo_revrev': JaxVariant('f3eo', 'revrev', how='exact, reverse-over-reverse `hvp_fn=`'),
-    'f3eo_uncapped': JaxVariant(
-        'f3eo_theory_uncapped_global', 'obj_fn', how='exact theory rule, no cap'
-    ),
+  'adamw': JaxVariant('adamw', 'none', how='`optax.adamw`'),
+  'f3eo': JaxVariant('f3eo', 'obj_fn', how='exact, `obj_fn=`'),
+  'f3eo_linearize': JaxVariant('f3eo', 'linearize', how='exact, `value_grad_and_hvp` + `hvp_fn=`'),
+  'f3eo_every10': JaxVariant(
+    'f3eo', 'obj_fn', overrides=EVERY, how='`hvp_every=10`, `lax.cond`, `obj_fn=`'
+  ),
+  'f3eo_every10_linearize': JaxVariant(
+    'f3eo', 'linearize', overrides=EVERY, how='`hvp_every=10`, `lax.cond`, `hvp_fn=`'
+  ),
+  'f3eo_every10_python': JaxVariant(
+    'f3eo',
+    'obj_fn',
+    python_refresh=True,
+    overrides=EVERY,
+    how='`hvp_every=10`, two steps, `refresh_hvp=True/False`',
+  ),
+  'f3eo_every10_reuse': JaxVariant(
+    'f3eo',
+    'obj_fn',
+    python_refresh=True,
+    reuse_only=True,
+    overrides=EVERY,
+    how='`hvp_every=10`, the `refresh_hvp=False` step alone',
+  ),
+  'f3eo_reference': JaxVariant('f3eo_reference', 'obj_fn', how='published rule, `obj_fn=`'),
+  'f3eo_revrev': JaxVariant('f3eo', 'revrev', how='exact, reverse-over-reverse `hvp_fn=`'),
+  'f3eo_uncapped': JaxVariant(
+    'f3eo_theory_uncapped_global', 'obj_fn', how='exact theory rule, no cap'
+  ),
 }
 TORCH_VARIANTS = {
-    'torch_adamw': '`torch.optim.AdamW`',
-    'torch_f3eo': 'published rule, double backward (`benchmarks.torch_f3eo`)',
+  'torch_adamw': '`torch.optim.AdamW`',
+  'torch_f3eo': 'published rule, double backward (`benchmarks.torch_f3eo`)',
 }
 EVERY10 = ('f3eo_every10', 'f3eo_every10_linearize', 'f3eo_every10_python')
 DEFAULT_VARIANTS = (
-    'adamw',
-    'f3eo',
-    'f3eo_linearize',
-    *EVERY10,
-    'f3eo_every10_reuse',
-    'f3eo_reference',
-    'torch_adamw',
-    'torch_f3eo',
+  'adamw',
+  'f3eo',
+  'f3eo_linearize',
+  *EVERY10,
+  'f3eo_every10_reuse',
+  'f3eo_reference',
+  'torch_adamw',
+  'torch_f3eo',
 )
 
 # Per model: batch, rounds, the batch of --quick, and the variants if not the default.
 CONFIGS = {
-    'mlp': dict(batch=256, rounds=12, quick_batch=16),
-    'cnn': dict(batch=128, rounds=6, quick_batch=8),
-    'gpt': dict(batch=16, rounds=7, quick_batch=2),
-    # the in-graph hvp_every rows are left out: XLA:CPU runs convolutions inside lax.cond slowly.
-    'resnet18': dict(
-        batch=8,
-        rounds=3,
-        quick_batch=2,
-        variants=(
-            'adamw',
-            'f3eo',
-            'f3eo_linearize',
-            'f3eo_every10_python',
-            'f3eo_reference',
-            'torch_adamw',
-            'torch_f3eo',
-        ),
+  'mlp': dict(batch=256, rounds=12, quick_batch=16),
+  'cnn': dict(batch=128, rounds=6, quick_batch=8),
+  'gpt': dict(batch=16, rounds=7, quick_batch=2),
+  # the in-graph hvp_every rows are left out: XLA:CPU runs convolutions inside lax.cond slowly.
+  'resnet18': dict(
+    batch=8,
+    rounds=3,
+    quick_batch=2,
+    variants=(
+      'adamw',
+      'f3eo',
+      'f3eo_linearize',
+      'f3eo_every10_python',
+      'f3eo_reference',
+      'torch_adamw',
+      'torch_f3eo',
     ),
+  ),
 }
 DEFAULT_MODELS = ('mlp', 'cnn')
 # The memory-only rows: a wide MLP, compiled from abstract shapes, never run.
 WIDE = dict(
-    hidden=(4096,) * 4,
-    batch=256,
-    quick_hidden=(256,) * 4,
-    quick_batch=16,
-    variants=('adamw', 'f3eo', 'f3eo_linearize', 'f3eo_every10', 'f3eo_every10_python'),
-    quick_variants=('adamw', 'f3eo'),
+  hidden=(4096,) * 4,
+  batch=256,
+  quick_hidden=(256,) * 4,
+  quick_batch=16,
+  variants=('adamw', 'f3eo', 'f3eo_linearize', 'f3eo_every10', 'f3eo_every10_python'),
+  quick_variants=('adamw', 'f3eo'),
 )
 
 # Targets on CPU: model -> (kind, variants, bound). Each variant is checked on its own.
 TARGETS = {
-    'mlp': (
-        ('time', ('f3eo', 'f3eo_linearize'), 2.3),
-        ('time', EVERY10, 1.20),
-        ('memory', ('f3eo',), 1.6),
-    ),
-    'cnn': (
-        ('time', ('f3eo', 'f3eo_linearize'), 2.0),
-        ('time', EVERY10, 1.25),
-        ('memory', ('f3eo',), 1.6),
-    ),
-    'mlp_wide': (('memory', ('f3eo',), 1.6),),
+  'mlp': (
+    ('time', ('f3eo', 'f3eo_linearize'), 2.3),
+    ('time', EVERY10, 1.20),
+    ('memory', ('f3eo',), 1.6),
+  ),
+  'cnn': (
+    ('time', ('f3eo', 'f3eo_linearize'), 2.0),
+    ('time', EVERY10, 1.25),
+    ('memory', ('f3eo',), 1.6),
+  ),
+  'mlp_wide': (('memory', ('f3eo',), 1.6),),
 }
 
 
@@ -231,7 +229,7 @@ def make_batch(name: str, batch: int, seed: int = 0):
     return x, np.roll(x, -1, axis=1)
   shape = (batch, 32, 32, 3) if name == 'resnet18' else (batch, 28, 28, 1)
   return rng.standard_normal(shape).astype(np.float32), rng.integers(0, 10, size=batch).astype(
-      np.int32
+    np.int32
   )
 
 
@@ -239,10 +237,10 @@ def jax_model(name: str, hidden=(512, 512)):
   from benchmarks import models
 
   return {
-      'mlp': lambda: models.MLP(hidden=tuple(hidden)),
-      'cnn': lambda: models.CNN(),
-      'resnet18': lambda: models.ResNet18(),
-      'gpt': lambda: models.GPT(GPT_VOCAB, GPT_SEQ),
+    'mlp': lambda: models.MLP(hidden=tuple(hidden)),
+    'cnn': lambda: models.CNN(),
+    'resnet18': lambda: models.ResNet18(),
+    'gpt': lambda: models.GPT(GPT_VOCAB, GPT_SEQ),
   }[name]()
 
 
@@ -250,10 +248,10 @@ def torch_model(name: str):
   from benchmarks import torch_models
 
   return {
-      'mlp': lambda: torch_models.MLP(28 * 28, (512, 512)),
-      'cnn': lambda: torch_models.CNN((28, 28, 1)),
-      'resnet18': lambda: torch_models.ResNet18(),
-      'gpt': lambda: torch_models.GPT(GPT_VOCAB, GPT_SEQ),
+    'mlp': lambda: torch_models.MLP(28 * 28, (512, 512)),
+    'cnn': lambda: torch_models.CNN((28, 28, 1)),
+    'resnet18': lambda: torch_models.ResNet18(),
+    'gpt': lambda: torch_models.GPT(GPT_VOCAB, GPT_SEQ),
   }[name]()
 
 
@@ -268,7 +266,7 @@ def make_optimizer(variant: JaxVariant):
     raise Skipped('the installed f3eo_jax has no `update(..., refresh_hvp=)` yet')
   try:
     return registry.make(
-        variant.optimizer, LR, weight_decay=WEIGHT_DECAY, **dict(variant.overrides)
+      variant.optimizer, LR, weight_decay=WEIGHT_DECAY, **dict(variant.overrides)
     )
   except TypeError as e:  # the registry's message for an option the library does not have
     raise Skipped(str(e)) from None
@@ -293,16 +291,16 @@ def make_step(model, tx, variant: JaxVariant, refresh_hvp: bool | None = None):
       # value_grad_and_hvp needs the model state as aux; f3eo_jax.flax has no helper for it.
       def objective(p):
         logits, new_state = model.apply(
-            {'params': p, **model_state}, x, train=True, rngs=rngs, mutable=list(model_state)
+          {'params': p, **model_state}, x, train=True, rngs=rngs, mutable=list(model_state)
         )
         return loss_of(logits), new_state
 
       (loss, new_state), grads, extra['hvp_fn'] = f3eo_jax.value_grad_and_hvp(
-          objective, params, has_aux=True
+        objective, params, has_aux=True
       )
     else:
       (loss, new_state), grads, obj_fn = f3eo_jax.flax.linen_value_grad_and_obj_fn(
-          model.apply, {'params': params, **model_state}, loss_of, x, rngs=rngs, train=True
+        model.apply, {'params': params, **model_state}, loss_of, x, rngs=rngs, train=True
       )
       if variant.hvp == 'obj_fn' and needs_product:
         extra['obj_fn'] = obj_fn
@@ -331,17 +329,17 @@ def compile_steps(model, variant: JaxVariant, args) -> dict[str, Any]:
   tx = make_optimizer(variant)
   params, model_state, _, x, y, key = args
   opt_state = (
-      jax.eval_shape(tx.init, params)
-      if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
-      else tx.init(params)
+    jax.eval_shape(tx.init, params)
+    if isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+    else tx.init(params)
   )
   flags = (True, False) if variant.python_refresh else (None,)
   start = time.perf_counter()
   compiled = {
-      flag: jax.jit(make_step(model, tx, variant, flag), donate_argnums=(0, 1, 2))
-      .lower(params, model_state, opt_state, x, y, key)
-      .compile()
-      for flag in flags
+    flag: jax.jit(make_step(model, tx, variant, flag), donate_argnums=(0, 1, 2))
+    .lower(params, model_state, opt_state, x, y, key)
+    .compile()
+    for flag in flags
   }
   compile_s = time.perf_counter() - start
   memory = max((xla_utils.memory_bytes(c) for c in compiled.values()), key=lambda m: m['peak'])
@@ -407,9 +405,9 @@ def wide_memory_rows(quick: bool, variants) -> dict[str, Any]:
   params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
   num_params = sum(math.prod(p.shape) for p in jax.tree.leaves(params))
   print(
-      f'\n== mlp_wide (memory only): 784-{"-".join(map(str, hidden))}-10,'
-      f' {num_params / 1e6:.1f}M params, batch {batch}',
-      flush=True,
+    f'\n== mlp_wide (memory only): 784-{"-".join(map(str, hidden))}-10,'
+    f' {num_params / 1e6:.1f}M params, batch {batch}',
+    flush=True,
   )
   rows = {}
   for name in variants:
@@ -422,13 +420,13 @@ def wide_memory_rows(quick: bool, variants) -> dict[str, Any]:
     rows[name] = {k: info[k] for k in ('compile_s', 'memory', 'flops_compiled', 'flops')}
     print(f'  {name}: peak {info["memory"]["peak"] / 2**20:.1f} MiB', flush=True)
   return dict(
-      schema=SCHEMA,
-      kind='memory_only',
-      hidden=list(hidden),
-      batch=batch,
-      num_params=num_params,
-      quick=quick,
-      variants=rows,
+    schema=SCHEMA,
+    kind='memory_only',
+    hidden=list(hidden),
+    batch=batch,
+    num_params=num_params,
+    quick=quick,
+    variants=rows,
   )
 
 
@@ -497,14 +495,14 @@ def torch_memory_child(name: str, variant: str, batch: int) -> None:
 
 def torch_peak_bytes(name: str, variant: str, batch: int) -> float:
   cmd = [
-      sys.executable,
-      '-m',
-      'benchmarks.step_time',
-      '--torch-memory-child',
-      f'{name}:{variant}:{batch}',
+    sys.executable,
+    '-m',
+    'benchmarks.step_time',
+    '--torch-memory-child',
+    f'{name}:{variant}:{batch}',
   ]
   out = subprocess.run(
-      cmd, capture_output=True, text=True, check=True, cwd=outputs.HERE.parent
+    cmd, capture_output=True, text=True, check=True, cwd=outputs.HERE.parent
   ).stdout
   return float(json.loads(out.strip().splitlines()[-1])['peak_delta_bytes'])
 
@@ -524,9 +522,9 @@ def bench_model(name: str, quick: bool, variants=None, rounds: int | None = None
     rows[v] = {'how': TORCH_VARIANTS[v] if v in TORCH_VARIANTS else JAX_VARIANTS[v].how}
     try:
       runner = (
-          TorchRunner(name, v, batch)
-          if v in TORCH_VARIANTS
-          else JaxRunner(name, JAX_VARIANTS[v], batch)
+        TorchRunner(name, v, batch)
+        if v in TORCH_VARIANTS
+        else JaxRunner(name, JAX_VARIANTS[v], batch)
       )
     except Skipped as e:
       rows[v]['skipped'] = str(e)
@@ -536,22 +534,21 @@ def bench_model(name: str, quick: bool, variants=None, rounds: int | None = None
     rows[v].update(runner.info)
     mem = runner.info.get('memory')
     print(
-        f'  set up {v}'
-        + (
-            f' (compiled in {runner.info["compile_s"]:.1f} s, peak'
-            f' {mem["peak"] / 2**20:.1f} MiB)'
-            if mem
-            else ''
-        ),
-        flush=True,
+      f'  set up {v}'
+      + (
+        f' (compiled in {runner.info["compile_s"]:.1f} s, peak {mem["peak"] / 2**20:.1f} MiB)'
+        if mem
+        else ''
+      ),
+      flush=True,
     )
 
   def report(i, times):
     print(
-        f'  round {i + 1}/{rounds}: '
-        + ', '.join(f'{v} {t[-1] * 1e3:.1f}' for v, t in times.items())
-        + ' ms',
-        flush=True,
+      f'  round {i + 1}/{rounds}: '
+      + ', '.join(f'{v} {t[-1] * 1e3:.1f}' for v, t in times.items())
+      + ' ms',
+      flush=True,
     )
 
   blocks = {v: functools.partial(r.run, HVP_EVERY) for v, r in runners.items()}
@@ -568,9 +565,9 @@ def bench_model(name: str, quick: bool, variants=None, rounds: int | None = None
   pairs = [(v, 'torch_adamw' if v in TORCH_VARIANTS else 'adamw') for v in times]
   pairs += [('f3eo_reference', 'torch_f3eo'), ('adamw', 'torch_adamw')]
   ratios = {
-      f'{a}/{b}': timing.paired_ratio(times[a], times[b])
-      for a, b in pairs
-      if a != b and a in times and b in times
+    f'{a}/{b}': timing.paired_ratio(times[a], times[b])
+    for a, b in pairs
+    if a != b and a in times and b in times
   }
   settings = dict(batch=batch, rounds=rounds, steps_per_block=HVP_EVERY, quick=quick)
   return dict(schema=SCHEMA, kind='timed', **settings, variants=rows, ratios=ratios)
@@ -592,7 +589,7 @@ def flop_floor(result: dict, variant: str) -> tuple[float | None, str]:
     exact = rows.get('f3eo', {}).get('flops')
     if exact:
       return (
-          exact + (HVP_EVERY - 1) * adamw
+        exact + (HVP_EVERY - 1) * adamw
       ) / HVP_EVERY / adamw, 'estimate (F_exact + 9·F_AdamW)/10'
     return None, 'not measured'
   flops = rows.get(variant, {}).get('flops')
@@ -619,11 +616,11 @@ def check_targets(model: str, result: dict) -> list[dict]:
       else:
         row['value'] = memory_ratio(result, v)
       row['status'] = (
-          'not measured' + (f': {skipped}' if skipped else '')
-          if row['value'] is None
-          else 'met'
-          if row['value'] <= bound
-          else 'unmet'
+        'not measured' + (f': {skipped}' if skipped else '')
+        if row['value'] is None
+        else 'met'
+        if row['value'] <= bound
+        else 'unmet'
       )
       out.append(row)
   return out
@@ -662,12 +659,12 @@ def model_section(name: str, res: dict) -> list[str]:
     return memory_section(res)
   rows = res['variants']
   lines = [
-      f'## {name} (batch {res["batch"]}, {_plural(res["rounds"], "round")}'
-      + (', QUICK)' if res['quick'] else ')'),
-      '',
-      reporting.machine_paragraph(res['machine'])
-      + (f' This model: {res["wall_time_s"]:.0f} s.' if 'wall_time_s' in res else ''),
-      '',
+    f'## {name} (batch {res["batch"]}, {_plural(res["rounds"], "round")}'
+    + (', QUICK)' if res['quick'] else ')'),
+    '',
+    reporting.machine_paragraph(res['machine'])
+    + (f' This model: {res["wall_time_s"]:.0f} s.' if 'wall_time_s' in res else ''),
+    '',
   ]
   table = []
   for v, e in rows.items():
@@ -679,49 +676,49 @@ def model_section(name: str, res: dict) -> list[str]:
     flops = e.get('flops')
     compiled = e.get('flops_compiled', {})
     gflop = (
-        _fmt(flops / 1e9, '.3f')
-        if flops
-        else f'{_fmt(compiled["None"] / 1e9, ".3f")} (both branches)'
-        if 'None' in compiled
-        else ''
+      _fmt(flops / 1e9, '.3f')
+      if flops
+      else f'{_fmt(compiled["None"] / 1e9, ".3f")} (both branches)'
+      if 'None' in compiled
+      else ''
     )
     floor = flop_floor(res, v)[0] if v in JAX_VARIANTS else None
     peak = e.get('memory', {}).get('peak')
     base_peak = rows.get(base, {}).get('memory', {}).get('peak')
     table.append(
-        [
-            v,
-            e['how'],
-            _fmt(e['median_ms'], '.2f'),
-            _fmt(ratio, '.2f', '×'),
-            gflop,
-            _fmt(floor, '.2f', '×') if v in JAX_VARIANTS else '',
-            _fmt(peak / 2**20 if peak else None, '.1f'),
-            _fmt(peak / base_peak if peak and base_peak else None, '.2f', '×'),
-            _fmt(e['compile_s'], '.1f') if 'compile_s' in e else '',
-        ]
+      [
+        v,
+        e['how'],
+        _fmt(e['median_ms'], '.2f'),
+        _fmt(ratio, '.2f', '×'),
+        gflop,
+        _fmt(floor, '.2f', '×') if v in JAX_VARIANTS else '',
+        _fmt(peak / 2**20 if peak else None, '.1f'),
+        _fmt(peak / base_peak if peak and base_peak else None, '.2f', '×'),
+        _fmt(e['compile_s'], '.1f') if 'compile_s' in e else '',
+      ]
     )
   lines.append(
-      reporting.markdown_table(
-          [
-              'variant',
-              'how',
-              'step ms',
-              '× AdamW',
-              'GFLOP / step',
-              'FLOP floor × AdamW',
-              'peak MiB',
-              'memory × AdamW',
-              'compile s',
-          ],
-          table,
-          'llrrrrrrr',
-      )
+    reporting.markdown_table(
+      [
+        'variant',
+        'how',
+        'step ms',
+        '× AdamW',
+        'GFLOP / step',
+        'FLOP floor × AdamW',
+        'peak MiB',
+        'memory × AdamW',
+        'compile s',
+      ],
+      table,
+      'llrrrrrrr',
+    )
   )
   lines.append('')
   for key, text in (
-      ('f3eo_reference/torch_f3eo', 'JAX `f3eo_reference` / PyTorch double-backward F3EO'),
-      ('adamw/torch_adamw', 'JAX AdamW / PyTorch AdamW'),
+    ('f3eo_reference/torch_f3eo', 'JAX `f3eo_reference` / PyTorch double-backward F3EO'),
+    ('adamw/torch_adamw', 'JAX AdamW / PyTorch AdamW'),
   ):
     if key in res['ratios']:
       lines.append(f'- {text}: {res["ratios"][key]:.2f}× (paired median over rounds)')
@@ -733,12 +730,12 @@ def memory_section(res: dict) -> list[str]:
   rows = res['variants']
   widths = '-'.join(str(w) for w in res['hidden'])
   lines = [
-      f'## mlp_wide: memory only (784-{widths}-10, {res["num_params"] / 1e6:.1f}M parameters,'
-      f' batch {res["batch"]}{", QUICK" if res["quick"] else ""})',
-      '',
-      'Compiled from abstract shapes, never run; XLA `memory_analysis()` with params and optimizer'
-      ' state donated.',
-      '',
+    f'## mlp_wide: memory only (784-{widths}-10, {res["num_params"] / 1e6:.1f}M parameters,'
+    f' batch {res["batch"]}{", QUICK" if res["quick"] else ""})',
+    '',
+    'Compiled from abstract shapes, never run; XLA `memory_analysis()` with params and optimizer'
+    ' state donated.',
+    '',
   ]
   base = rows.get('adamw', {}).get('memory', {}).get('peak')
   table = []
@@ -748,21 +745,21 @@ def memory_section(res: dict) -> list[str]:
       continue
     m = e['memory']
     table.append(
-        [
-            v,
-            JAX_VARIANTS[v].how,
-            f'{m["peak"] / 2**20:.1f}',
-            _fmt(m['peak'] / base if base else None, '.2f', '×'),
-            f'{m["argument"] / 2**20:.1f}',
-            f'{m["temp"] / 2**20:.1f}',
-        ]
+      [
+        v,
+        JAX_VARIANTS[v].how,
+        f'{m["peak"] / 2**20:.1f}',
+        _fmt(m['peak'] / base if base else None, '.2f', '×'),
+        f'{m["argument"] / 2**20:.1f}',
+        f'{m["temp"] / 2**20:.1f}',
+      ]
     )
   lines.append(
-      reporting.markdown_table(
-          ['variant', 'how', 'peak MiB', 'memory × AdamW', 'arguments MiB', 'temporaries MiB'],
-          table,
-          'llrrrr',
-      )
+    reporting.markdown_table(
+      ['variant', 'how', 'peak MiB', 'memory × AdamW', 'arguments MiB', 'temporaries MiB'],
+      table,
+      'llrrrr',
+    )
   )
   return lines + [''] + targets_section(res.get('targets', []))
 
@@ -771,21 +768,21 @@ def targets_section(targets: list[dict]) -> list[str]:
   if not targets:
     return []
   table = [
-      [
-          target_label(t),
-          _fmt(t['value'], '.2f', '×'),
-          t['status'],
-          _fmt(t['floor'], '.2f', '×') + (f' ({t["floor_how"]})' if t['floor'] is not None else '')
-          if t['kind'] == 'time'
-          else '–',
-      ]
-      for t in targets
+    [
+      target_label(t),
+      _fmt(t['value'], '.2f', '×'),
+      t['status'],
+      _fmt(t['floor'], '.2f', '×') + (f' ({t["floor_how"]})' if t['floor'] is not None else '')
+      if t['kind'] == 'time'
+      else '–',
+    ]
+    for t in targets
   ]
   return [
-      'Targets (CPU):',
-      '',
-      reporting.markdown_table(['target', 'measured', 'status', 'FLOP floor'], table, 'lrll'),
-      '',
+    'Targets (CPU):',
+    '',
+    reporting.markdown_table(['target', 'measured', 'status', 'FLOP floor'], table, 'lrll'),
+    '',
   ]
 
 
@@ -826,10 +823,10 @@ def main(argv=None) -> None:
   parser.add_argument('--quick', action='store_true', help='smoke run: tiny batches, one round')
   parser.add_argument('--rounds', type=int, help='timed rounds per model')
   parser.add_argument(
-      '--wide',
-      action=argparse.BooleanOptionalAction,
-      default=True,
-      help='the memory-only rows of the ~54M-parameter MLP',
+    '--wide',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='the memory-only rows of the ~54M-parameter MLP',
   )
   outputs.add_arguments(parser)
   parser.add_argument('--torch-memory-child', help=argparse.SUPPRESS)
@@ -841,12 +838,12 @@ def main(argv=None) -> None:
   names = list(CONFIGS) if args.models == 'all' else [n for n in args.models.split(',') if n]
   if set(names) - set(CONFIGS):
     parser.error(
-        f'unknown models {sorted(set(names) - set(CONFIGS))}; choose from {sorted(CONFIGS)}'
+      f'unknown models {sorted(set(names) - set(CONFIGS))}; choose from {sorted(CONFIGS)}'
     )
   variants = [v for v in args.variants.split(',') if v] if args.variants else None
   if variants and set(variants) - set(JAX_VARIANTS) - set(TORCH_VARIANTS):
     parser.error(
-        f'unknown variants {sorted(set(variants) - set(JAX_VARIANTS) - set(TORCH_VARIANTS))}'
+      f'unknown variants {sorted(set(variants) - set(JAX_VARIANTS) - set(TORCH_VARIANTS))}'
     )
   out_dir = outputs.directory(args)
 

@@ -40,34 +40,34 @@ STUDY_TASKS = ('mnist1d_mlp', 'mnist1d_cnn', 'regression', 'char_lm')
 ALWAYS_KEPT = ('f3eo_reference', 'f3eo_theory_uncapped_global', *registry.BASELINES)
 
 FULL = dict(
-    tasks=STUDY_TASKS,
-    screen=(*registry.GRID, 'f3eo_reference', *registry.BASELINES),
-    screen_fraction=0.4,
-    keep_top=6,
-    hvp_every=10,
-    seeds=3,
-    timing_rounds=7,
-    timing_block=10,
-    sizes={},
-    steps=None,
-    train_subset=None,
+  tasks=STUDY_TASKS,
+  screen=(*registry.GRID, 'f3eo_reference', *registry.BASELINES),
+  screen_fraction=0.4,
+  keep_top=6,
+  hvp_every=10,
+  seeds=3,
+  timing_rounds=7,
+  timing_block=10,
+  sizes={},
+  steps=None,
+  train_subset=None,
 )
 PRESETS = {
-    'full': FULL,
-    # Tiny models, two tasks, two F3EO variants: every phase in seconds (the tests run it).
-    'smoke': {
-        **FULL,
-        'tasks': ('regression', 'mnist1d_mlp'),
-        'screen': ('f3eo_theory_clip1_global', 'f3eo_reference', *registry.BASELINES),
-        'screen_fraction': 0.5,
-        'keep_top': 1,
-        'seeds': 2,
-        'timing_rounds': 2,
-        'timing_block': 2,
-        'sizes': tasks.SMOKE_SIZES,
-        'steps': 4,
-        'train_subset': 256,
-    },
+  'full': FULL,
+  # Tiny models, two tasks, two F3EO variants: every phase in seconds (the tests run it).
+  'smoke': {
+    **FULL,
+    'tasks': ('regression', 'mnist1d_mlp'),
+    'screen': ('f3eo_theory_clip1_global', 'f3eo_reference', *registry.BASELINES),
+    'screen_fraction': 0.5,
+    'keep_top': 1,
+    'seeds': 2,
+    'timing_rounds': 2,
+    'timing_block': 2,
+    'sizes': tasks.SMOKE_SIZES,
+    'steps': 4,
+    'train_subset': 256,
+  },
 }
 
 PROTOCOL = """\
@@ -97,12 +97,12 @@ def entry_name(entry: Entry) -> str:
 def base_config(task: tasks.Task, entry: Entry, num_steps: int, preset: dict) -> training.Config:
   variant = registry.get(entry[0])
   return training.Config(
-      task=task.name,
-      optimizer=entry[0],
-      learning_rate=variant.learning_rate * task.lr_scale,
-      num_steps=num_steps,
-      train_subset=preset['train_subset'],
-      overrides=entry[1],
+    task=task.name,
+    optimizer=entry[0],
+    learning_rate=variant.learning_rate * task.lr_scale,
+    num_steps=num_steps,
+    train_subset=preset['train_subset'],
+    overrides=entry[1],
   )
 
 
@@ -130,22 +130,22 @@ def screening(task_map, datas, preset, runner, cache, progress):
     out[task.name] = {}
     for name in preset['screen']:
       chosen, records = training.sweep(
-          base_config(task, (name, ()), steps, preset),
-          task,
-          datas[task.name],
-          cache=cache,
-          progress=progress,
-          run_fn=runner.run,
+        base_config(task, (name, ()), steps, preset),
+        task,
+        datas[task.name],
+        cache=cache,
+        progress=progress,
+        run_fn=runner.run,
       )
       best = next(
-          r
-          for r in records
-          if r['learning_rate'] == chosen.learning_rate and r['weight_decay'] == chosen.weight_decay
+        r
+        for r in records
+        if r['learning_rate'] == chosen.learning_rate and r['weight_decay'] == chosen.weight_decay
       )
       out[task.name][name] = {
-          'chosen': dataclasses.asdict(chosen),
-          'records': records,
-          'metric': best['metric'],
+        'chosen': dataclasses.asdict(chosen),
+        'records': records,
+        'metric': best['metric'],
       }
       _tick(bar, f'{task.name}/{name}')
   if bar is not None:
@@ -166,17 +166,17 @@ def prune(screen, task_map, preset) -> tuple[list[Entry], dict[str, float], str]
   screened = set(preset['screen'])
   kept = [(n, ()) for n in ALWAYS_KEPT if n in screened]
   grid = [n for n in mean_ranks if n in registry.GRID and n not in ALWAYS_KEPT][
-      : preset['keep_top']
+    : preset['keep_top']
   ]
   kept[1:1] = [(n, ()) for n in grid]
   if grid and preset['hvp_every']:
     kept.insert(1 + len(grid), (grid[0], (('hvp_every', preset['hvp_every']),)))
   rule = (
-      'Kept: the baselines, f3eo_reference and f3eo_theory_uncapped_global; the'
-      f" {preset['keep_top']} grid variants (other than the uncapped theory rule) with the best"
-      ' mean rank across tasks of their validation metric in (a); and'
-      f" hvp_every={preset['hvp_every']} applied to the best of them. Ranks: 1 = best per task,"
-      ' ties share their mean rank, a diverged run ranks last.'
+    'Kept: the baselines, f3eo_reference and f3eo_theory_uncapped_global; the'
+    f' {preset["keep_top"]} grid variants (other than the uncapped theory rule) with the best'
+    ' mean rank across tasks of their validation metric in (a); and'
+    f' hvp_every={preset["hvp_every"]} applied to the best of them. Ranks: 1 = best per task,'
+    ' ties share their mean rank, a diverged run ranks last.'
   )
   return kept, mean_ranks, rule
 
@@ -203,16 +203,16 @@ def mean_test_metrics(full, task_map) -> dict[str, dict[str, float]]:
   for task_name, by_entry in full.items():
     worst = task_map[task_name].worst()
     out[task_name] = {
-        name: worst
-        if any(r['diverged'] for r in res['runs'])
-        else float(np.mean([r['final_metric'] for r in res['runs']]))
-        for name, res in by_entry.items()
+      name: worst
+      if any(r['diverged'] for r in res['runs'])
+      else float(np.mean([r['final_metric'] for r in res['runs']]))
+      for name, res in by_entry.items()
     }
   return out
 
 
 def equal_wall_clock(
-    task_map, datas, kept, full, f3eo_best, preset, protocol, runner, cache, progress
+  task_map, datas, kept, full, f3eo_best, preset, protocol, runner, cache, progress
 ):
   """(d): per task, step times, the baselines' step budgets and their runs."""
   out = {}
@@ -224,21 +224,21 @@ def equal_wall_clock(
     for name in (f3eo_best, *(entry_name(e) for e in baselines)):
       chosen = full[task.name][name]['chosen']
       configs[name] = dataclasses.replace(
-          base_config(task, entries[name], task.num_steps, preset),
-          learning_rate=chosen.learning_rate,
-          weight_decay=chosen.weight_decay,
+        base_config(task, entries[name], task.num_steps, preset),
+        learning_rate=chosen.learning_rate,
+        weight_decay=chosen.weight_decay,
       )
     timing_key = (
-        f'timing|{task.name}|{sorted(task.meta.items())}|{[c.key() for c in configs.values()]}'
+      f'timing|{task.name}|{sorted(task.meta.items())}|{[c.key() for c in configs.values()]}'
     )
     measure = functools.partial(
-        training.time_steps,
-        configs,
-        task,
-        datas[task.name],
-        cache=cache,
-        rounds=preset['timing_rounds'],
-        block=preset['timing_block'],
+      training.time_steps,
+      configs,
+      task,
+      datas[task.name],
+      cache=cache,
+      rounds=preset['timing_rounds'],
+      block=preset['timing_block'],
     )
     times = runner.memo(timing_key, measure)
     budgets, runs = {}, {}
@@ -271,184 +271,180 @@ def write_report(out_dir: str, tag: str, task_map, preset: dict, r: dict, info: 
   columns = [t.label for t in task_map.values()]
   labels = {n: res['runs'][0]['label'] for by_entry in full.values() for n, res in by_entry.items()}
   md = [
-      f'# F3EO optimizer study: preset `{tag}`',
-      '',
-      reporting.machine_paragraph(info),
-      '',
-      '## Tasks',
-      '',
+    f'# F3EO optimizer study: preset `{tag}`',
+    '',
+    reporting.machine_paragraph(info),
+    '',
+    '## Tasks',
+    '',
   ]
   md += [
-      f'- **{t.label}** ({t.num_steps} steps of batch {t.batch_size}): {t.description}'
-      for t in task_map.values()
+    f'- **{t.label}** ({t.num_steps} steps of batch {t.batch_size}): {t.description}'
+    for t in task_map.values()
   ]
   md += [
-      '',
-      '## Protocol',
-      '',
-      PROTOCOL,
-      '',
-      f'Every run: cosine decay of the peak learning rate to 0 over its steps; weight decay'
-      f' {registry.DEFAULT_WEIGHT_DECAY:g} for the Adam family unless swept (AdamW-wd), none for'
-      ' SGD.'
-      f" Screening: {preset['screen_fraction']:.0%} of each task's steps. Seeds in (c), (d):"
-      f" {preset['seeds']}.",
-      '',
+    '',
+    '## Protocol',
+    '',
+    PROTOCOL,
+    '',
+    f'Every run: cosine decay of the peak learning rate to 0 over its steps; weight decay'
+    f' {registry.DEFAULT_WEIGHT_DECAY:g} for the Adam family unless swept (AdamW-wd), none for'
+    ' SGD.'
+    f" Screening: {preset['screen_fraction']:.0%} of each task's steps. Seeds in (c), (d):"
+    f' {preset["seeds"]}.',
+    '',
   ]
 
   md += ['## (a) Screening (validation metric, 1 seed)', '']
   cells = {}
   for name in mean_ranks_a:
     cells[name] = {
-        task_map[t].label: reporting.format_value(
-            screen[t][name]['metric'], task_map[t].metric_kind
-        )
-        + f" ({registry.Hyperparams(**screen[t][name]['chosen']).label()})"
-        for t in screen
+      task_map[t].label: reporting.format_value(screen[t][name]['metric'], task_map[t].metric_kind)
+      + f' ({registry.Hyperparams(**screen[t][name]["chosen"]).label()})'
+      for t in screen
     }
   md += [
-      reporting.pivot_table(
-          cells, columns, {'mean rank': {n: f'{r:.2f}' for n, r in mean_ranks_a.items()}}
-      ),
-      '',
+    reporting.pivot_table(
+      cells, columns, {'mean rank': {n: f'{r:.2f}' for n, r in mean_ranks_a.items()}}
+    ),
+    '',
   ]
   md += [
-      '## (b) Pruning',
-      '',
-      rule,
-      '',
-      'Kept: ' + ', '.join(f'`{entry_name(e)}`' for e in kept) + '.',
-      '',
+    '## (b) Pruning',
+    '',
+    rule,
+    '',
+    'Kept: ' + ', '.join(f'`{entry_name(e)}`' for e in kept) + '.',
+    '',
   ]
 
   md += ['## (c) Full protocol (test metric, mean ± std over seeds; equal steps)', '']
   cells = {}
   for name in mean_ranks_c:
     cells[f'{labels[name]} (`{name}`)'] = {
-        task_map[t].label: _cell(
-            [r['final_metric'] for r in full[t][name]['runs']],
-            task_map[t],
-            any(r['diverged'] for r in full[t][name]['runs']),
-        )
-        + f" ({full[t][name]['chosen'].label()})"
-        for t in full
+      task_map[t].label: _cell(
+        [r['final_metric'] for r in full[t][name]['runs']],
+        task_map[t],
+        any(r['diverged'] for r in full[t][name]['runs']),
+      )
+      + f' ({full[t][name]["chosen"].label()})'
+      for t in full
     }
   ranks_col = {f'{labels[n]} (`{n}`)': f'{r:.2f}' for n, r in mean_ranks_c.items()}
   md += [reporting.pivot_table(cells, columns, {'mean rank': ranks_col}), '']
   all_runs = [r for by_entry in full.values() for res in by_entry.values() for r in res['runs']]
   md += ['Details:', '', reporting.results_table(reporting.summarize(all_runs), task_map), '']
   counters = [
-      (task_map[r['task']].label, r['variant'], r['config']['seed'], r['counters'])
-      for r in all_runs
-      if r['counters'] and any(r['counters'].values())
+    (task_map[r['task']].label, r['variant'], r['config']['seed'], r['counters'])
+    for r in all_runs
+    if r['counters'] and any(r['counters'].values())
   ]
   if counters:
     md += [
-        'F3EO counters at the end of a run (only runs where one is non-zero):',
-        '',
-        reporting.markdown_table(
-            ['task', 'optimizer', 'seed', 'counters'],
-            [(a, b, c, ', '.join(f'{k} {v}' for k, v in d.items())) for a, b, c, d in counters],
-        ),
-        '',
+      'F3EO counters at the end of a run (only runs where one is non-zero):',
+      '',
+      reporting.markdown_table(
+        ['task', 'optimizer', 'seed', 'counters'],
+        [(a, b, c, ', '.join(f'{k} {v}' for k, v in d.items())) for a, b, c, d in counters],
+      ),
+      '',
     ]
 
   md += [
-      '## (d) Equal wall-clock',
-      '',
-      f'Reference: `{f3eo_best}`, the F3EO variant with the best mean rank in (c). Step times:'
-      f" medians over {preset['timing_rounds']} interleaved rounds of {preset['timing_block']}"
-      ' steps; ratios: medians of per-round ratios to the reference.',
-      '',
+    '## (d) Equal wall-clock',
+    '',
+    f'Reference: `{f3eo_best}`, the F3EO variant with the best mean rank in (c). Step times:'
+    f' medians over {preset["timing_rounds"]} interleaved rounds of {preset["timing_block"]}'
+    ' steps; ratios: medians of per-round ratios to the reference.',
+    '',
   ]
   rows = []
   for t, w in wall.items():
     task = task_map[t]
     ref_runs = full[t][f3eo_best]['runs']
     rows.append(
-        [
-            task.label,
-            f'`{f3eo_best}`',
-            f"{1e3 * w['times'][f3eo_best]['step_s']:.2f}",
-            '1.00',
-            task.num_steps,
-            _cell([r['final_metric'] for r in ref_runs], task),
-            '',
-            f"{np.mean([r['train_time_s'] for r in ref_runs]):.1f}",
-        ]
+      [
+        task.label,
+        f'`{f3eo_best}`',
+        f'{1e3 * w["times"][f3eo_best]["step_s"]:.2f}',
+        '1.00',
+        task.num_steps,
+        _cell([r['final_metric'] for r in ref_runs], task),
+        '',
+        f'{np.mean([r["train_time_s"] for r in ref_runs]):.1f}',
+      ]
     )
     for name, runs in w['runs'].items():
       rows.append(
-          [
-              task.label,
-              f'`{name}`',
-              f"{1e3 * w['times'][name]['step_s']:.2f}",
-              f"{w['times'][name]['ratio']:.2f}",
-              w['budgets'][name],
-              _cell([r['final_metric'] for r in full[t][name]['runs']], task),
-              _cell([r['final_metric'] for r in runs], task, any(r['diverged'] for r in runs)),
-              f"{np.mean([r['train_time_s'] for r in runs]):.1f}",
-          ]
+        [
+          task.label,
+          f'`{name}`',
+          f'{1e3 * w["times"][name]["step_s"]:.2f}',
+          f'{w["times"][name]["ratio"]:.2f}',
+          w['budgets'][name],
+          _cell([r['final_metric'] for r in full[t][name]['runs']], task),
+          _cell([r['final_metric'] for r in runs], task, any(r['diverged'] for r in runs)),
+          f'{np.mean([r["train_time_s"] for r in runs]):.1f}',
+        ]
       )
   md += [
-      reporting.markdown_table(
-          [
-              'task',
-              'optimizer',
-              'ms/step',
-              '× reference',
-              'steps',
-              'metric, equal steps (c)',
-              'metric, equal wall-clock',
-              'train s',
-          ],
-          rows,
-      ),
-      '',
+    reporting.markdown_table(
+      [
+        'task',
+        'optimizer',
+        'ms/step',
+        '× reference',
+        'steps',
+        'metric, equal steps (c)',
+        'metric, equal wall-clock',
+        'train s',
+      ],
+      rows,
+    ),
+    '',
   ]
 
   plots = [
-      reporting.plot_curves(all_runs, task_map, f'{prefix}_curves.png'),
-      reporting.plot_diagnostics(all_runs, task_map, f'{prefix}_diagnostics.png'),
-      reporting.plot_curves(
-          [
-              r
-              for t, w in wall.items()
-              for r in full[t][f3eo_best]['runs'] + sum(w['runs'].values(), [])
-          ],
-          task_map,
-          f'{prefix}_wall_clock.png',
-          x_keys=('wall_time',),
-      ),
+    reporting.plot_curves(all_runs, task_map, f'{prefix}_curves.png'),
+    reporting.plot_diagnostics(all_runs, task_map, f'{prefix}_diagnostics.png'),
+    reporting.plot_curves(
+      [
+        r for t, w in wall.items() for r in full[t][f3eo_best]['runs'] + sum(w['runs'].values(), [])
+      ],
+      task_map,
+      f'{prefix}_wall_clock.png',
+      x_keys=('wall_time',),
+    ),
   ]
   md += [f'![]({os.path.basename(p)})' for p in plots]
   text = '\n'.join(md) + '\n'
   reporting.write_text(f'{prefix}.md', text)
   reporting.write_json(
-      f'{prefix}.json',
-      {
-          'machine': info,
-          'preset': {k: v for k, v in preset.items()},
-          'screening': screen,
-          'screening_mean_ranks': mean_ranks_a,
-          'pruning_rule': rule,
-          'kept': [entry_name(e) for e in kept],
-          'full': {
-              t: {
-                  n: {
-                      'chosen': dataclasses.asdict(res['chosen']),
-                      'sweep': res['sweep'],
-                      'runs': res['runs'],
-                  }
-                  for n, res in by.items()
-              }
-              for t, by in full.items()
-          },
-          'test_means': means,
-          'full_mean_ranks': mean_ranks_c,
-          'wall_clock': wall,
-          'plots': [os.path.basename(p) for p in plots],
+    f'{prefix}.json',
+    {
+      'machine': info,
+      'preset': {k: v for k, v in preset.items()},
+      'screening': screen,
+      'screening_mean_ranks': mean_ranks_a,
+      'pruning_rule': rule,
+      'kept': [entry_name(e) for e in kept],
+      'full': {
+        t: {
+          n: {
+            'chosen': dataclasses.asdict(res['chosen']),
+            'sweep': res['sweep'],
+            'runs': res['runs'],
+          }
+          for n, res in by.items()
+        }
+        for t, by in full.items()
       },
+      'test_means': means,
+      'full_mean_ranks': mean_ranks_c,
+      'wall_clock': wall,
+      'plots': [os.path.basename(p) for p in plots],
+    },
   )
   return text
 
@@ -464,27 +460,26 @@ def plan(task_map, datas, preset, cache) -> str:
   lines, total = [], 0.0
   for task in task_map.values():
     probe = {
-        n: training.Config(
-            task=task.name, optimizer=n, learning_rate=1e-3, num_steps=task.num_steps
-        )
-        for n in ('adamw', 'f3eo_reference', 'f3eo_theory_uncapped_global')
+      n: training.Config(task=task.name, optimizer=n, learning_rate=1e-3, num_steps=task.num_steps)
+      for n in ('adamw', 'f3eo_reference', 'f3eo_theory_uncapped_global')
     }
     times = training.time_steps(probe, task, datas[task.name], cache=cache, rounds=3, block=5)
-    t_base, t_f3eo = times['adamw']['step_s'], max(
-        times['f3eo_reference']['step_s'], times['f3eo_theory_uncapped_global']['step_s']
+    t_base, t_f3eo = (
+      times['adamw']['step_s'],
+      max(times['f3eo_reference']['step_s'], times['f3eo_theory_uncapped_global']['step_s']),
     )
     screen_steps = round(preset['screen_fraction'] * task.num_steps)
     f3eo_steps = (
-        n_screen_f3eo * 3 * screen_steps + kept_f3eo * (3 + preset['seeds']) * task.num_steps
+      n_screen_f3eo * 3 * screen_steps + kept_f3eo * (3 + preset['seeds']) * task.num_steps
     )
     base_steps = sum(sweep_size(n) for n in registry.BASELINES) * (
-        screen_steps + task.num_steps
+      screen_steps + task.num_steps
     ) + 3 * preset['seeds'] * task.num_steps * (1 + t_f3eo / t_base)
     seconds = f3eo_steps * t_f3eo + base_steps * t_base
     total += seconds
     lines.append(
-        f'{task.name}: AdamW {1 / t_base:.0f} steps/s, F3EO {1 / t_f3eo:.0f} steps/s;'
-        f' {f3eo_steps} F3EO steps, {base_steps:.0f} baseline steps: ~{seconds / 60:.0f} min'
+      f'{task.name}: AdamW {1 / t_base:.0f} steps/s, F3EO {1 / t_f3eo:.0f} steps/s;'
+      f' {f3eo_steps} F3EO steps, {base_steps:.0f} baseline steps: ~{seconds / 60:.0f} min'
     )
   lines.append(f'total ~{total / 3600:.1f} h of training (plus compilation and evaluation)')
   return '\n'.join(lines)
@@ -498,10 +493,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--keep-top', type=int, default=None)
   parser.add_argument('--screen-fraction', type=float, default=None)
   parser.add_argument(
-      '--plan', action='store_true', help='print the plan and a time estimate; train nothing'
+    '--plan', action='store_true', help='print the plan and a time estimate; train nothing'
   )
   parser.add_argument(
-      '--fresh', action='store_true', help='ignore (and replace) the cache of finished runs'
+    '--fresh', action='store_true', help='ignore (and replace) the cache of finished runs'
   )
   outputs.add_arguments(parser)
   parser.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -532,19 +527,19 @@ def main(argv: Sequence[str] | None = None) -> str:
     os.remove(cache_path)
   runner = training.RunCache(cache_path)
   print(
-      f"{info['command']}\n{info['cpu']}, {info['cores_available']} cores; {info['date_utc']};"
-      f' {len(runner.entries)} cached results in {os.path.relpath(cache_path)}',
-      flush=True,
+    f'{info["command"]}\n{info["cpu"]}, {info["cores_available"]} cores; {info["date_utc"]};'
+    f' {len(runner.entries)} cached results in {os.path.relpath(cache_path)}',
+    flush=True,
   )
   progress = not args.no_progress
 
   # training.run_protocol with this study's seeds, compiled steps and cache of finished runs.
   protocol = functools.partial(
-      training.run_protocol,
-      seeds=range(preset['seeds']),
-      cache=cache,
-      progress=progress,
-      run_fn=runner.run,
+    training.run_protocol,
+    seeds=range(preset['seeds']),
+    cache=cache,
+    progress=progress,
+    run_fn=runner.run,
   )
   r: dict[str, Any] = {}
   r['screen'] = screening(task_map, datas, preset, runner, cache, progress)
@@ -554,28 +549,28 @@ def main(argv: Sequence[str] | None = None) -> str:
   r['means'] = mean_test_metrics(r['full'], task_map)
   r['mean_ranks_c'] = reporting.mean_ranks(r['means'], task_map)
   r['f3eo_best'] = next(n for n in r['mean_ranks_c'] if registry.get(n.split('+')[0]).uses_obj_fn)
-  print(f"(c) best F3EO variant by mean rank: {r['f3eo_best']}", flush=True)
+  print(f'(c) best F3EO variant by mean rank: {r["f3eo_best"]}', flush=True)
   r['wall'] = equal_wall_clock(
-      task_map,
-      datas,
-      r['kept'],
-      r['full'],
-      r['f3eo_best'],
-      preset,
-      protocol,
-      runner,
-      cache,
-      progress,
+    task_map,
+    datas,
+    r['kept'],
+    r['full'],
+    r['f3eo_best'],
+    preset,
+    protocol,
+    runner,
+    cache,
+    progress,
   )
   info.update(
-      total_wall_time_s=time.perf_counter() - t_start,
-      load_average_end=reporting.load_average(),
-      cached_results_used=runner.hits,
+    total_wall_time_s=time.perf_counter() - t_start,
+    load_average_end=reporting.load_average(),
+    cached_results_used=runner.hits,
   )
   text = write_report(out_dir, args.preset, task_map, preset, r, info)
   print('\n' + text)
   print(
-      'wrote', os.path.join(os.path.relpath(out_dir), f'study_{args.preset}') + '{.md,.json,_*.png}'
+    'wrote', os.path.join(os.path.relpath(out_dir), f'study_{args.preset}') + '{.md,.json,_*.png}'
   )
   return text
 

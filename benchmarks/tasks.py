@@ -55,50 +55,50 @@ MNIST1D_PUBLISHED = {'logistic regression': 0.32, 'MLP': 0.68, 'CNN': 0.94}
 # The char_lm corpus: standard-library modules present as single files from Python 3.10
 # to 3.13, read in this (sorted) order.
 STDLIB_FILES = tuple(
-    sorted(
-        (
-            'abc.py',
-            'argparse.py',
-            'ast.py',
-            'base64.py',
-            'bisect.py',
-            'calendar.py',
-            'contextlib.py',
-            'copy.py',
-            'csv.py',
-            'dataclasses.py',
-            'difflib.py',
-            'enum.py',
-            'fnmatch.py',
-            'fractions.py',
-            'functools.py',
-            'glob.py',
-            'gzip.py',
-            'heapq.py',
-            'inspect.py',
-            'ipaddress.py',
-            'keyword.py',
-            'linecache.py',
-            'numbers.py',
-            'operator.py',
-            'os.py',
-            'pprint.py',
-            'queue.py',
-            'random.py',
-            'shlex.py',
-            'shutil.py',
-            'statistics.py',
-            'string.py',
-            'tempfile.py',
-            'textwrap.py',
-            'threading.py',
-            'tokenize.py',
-            'traceback.py',
-            'typing.py',
-            'warnings.py',
-            'weakref.py',
-        )
+  sorted(
+    (
+      'abc.py',
+      'argparse.py',
+      'ast.py',
+      'base64.py',
+      'bisect.py',
+      'calendar.py',
+      'contextlib.py',
+      'copy.py',
+      'csv.py',
+      'dataclasses.py',
+      'difflib.py',
+      'enum.py',
+      'fnmatch.py',
+      'fractions.py',
+      'functools.py',
+      'glob.py',
+      'gzip.py',
+      'heapq.py',
+      'inspect.py',
+      'ipaddress.py',
+      'keyword.py',
+      'linecache.py',
+      'numbers.py',
+      'operator.py',
+      'os.py',
+      'pprint.py',
+      'queue.py',
+      'random.py',
+      'shlex.py',
+      'shutil.py',
+      'statistics.py',
+      'string.py',
+      'tempfile.py',
+      'textwrap.py',
+      'threading.py',
+      'tokenize.py',
+      'traceback.py',
+      'typing.py',
+      'warnings.py',
+      'weakref.py',
     )
+  )
 )
 
 
@@ -149,10 +149,10 @@ class TextData:
       raise ValueError(f'fraction must be in (0, 1), got {fraction}.')
     cut = len(self.train_tokens) - int(round(len(self.train_tokens) * fraction))
     return dataclasses.replace(
-        self,
-        name=f'{self.name}/validation',
-        train_tokens=self.train_tokens[:cut],
-        eval_tokens=self.train_tokens[cut:],
+      self,
+      name=f'{self.name}/validation',
+      train_tokens=self.train_tokens[:cut],
+      eval_tokens=self.train_tokens[cut:],
     )
 
 
@@ -161,7 +161,7 @@ def _windows(tokens: np.ndarray, seq_len: int, count: int) -> tuple[np.ndarray, 
   fit = (len(tokens) - 1) // seq_len
   if fit < 1:
     raise ValueError(
-        f'held-out text of {len(tokens)} tokens is shorter than a window of {seq_len + 1}.'
+      f'held-out text of {len(tokens)} tokens is shorter than a window of {seq_len + 1}.'
     )
   starts = seq_len * np.unique(np.linspace(0, fit - 1, min(count, fit)).round().astype(int))
   idx = starts[:, None] + np.arange(seq_len + 1)
@@ -187,10 +187,10 @@ def encode(text: str, vocab: str) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def load_char_corpus(
-    seq_len: int = 64,
-    num_eval_windows: int = 256,
-    files: tuple[str, ...] = STDLIB_FILES,
-    eval_fraction: float = 0.1,
+  seq_len: int = 64,
+  num_eval_windows: int = 256,
+  files: tuple[str, ...] = STDLIB_FILES,
+  eval_fraction: float = 0.1,
 ) -> TextData:
   """The ``char_lm`` data: stdlib source, 90/10 contiguous split, vocabulary from train."""
   text = read_stdlib_corpus(files)
@@ -198,17 +198,17 @@ def load_char_corpus(
   vocab = ''.join(sorted(set(text[:cut])))
   tokens = encode(text, vocab)
   return TextData(
-      name='stdlib_chars',
-      train_tokens=tokens[:cut],
-      eval_tokens=tokens[cut:],
-      vocab=vocab,
-      seq_len=seq_len,
-      num_eval_windows=num_eval_windows,
+    name='stdlib_chars',
+    train_tokens=tokens[:cut],
+    eval_tokens=tokens[cut:],
+    vocab=vocab,
+    seq_len=seq_len,
+    num_eval_windows=num_eval_windows,
   )
 
 
 def text_batches(
-    data: TextData, batch_size: int, seed: int
+  data: TextData, batch_size: int, seed: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Random windows of the training text (uniform start positions), forever."""
   rng = np.random.default_rng(seed)
@@ -228,10 +228,7 @@ def text_batches(
 def friedman1_target(x: np.ndarray) -> np.ndarray:
   """The noise-free Friedman #1 function of the first five columns of ``x``."""
   return (
-      10 * np.sin(np.pi * x[:, 0] * x[:, 1])
-      + 20 * (x[:, 2] - 0.5) ** 2
-      + 10 * x[:, 3]
-      + 5 * x[:, 4]
+    10 * np.sin(np.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3] + 5 * x[:, 4]
   )
 
 
@@ -254,12 +251,12 @@ def load_friedman1(n_train: int = 2000, n_test: int = 1000, seed: int = 0) -> da
   x_test, y_test = friedman1(n_test, seed + 1)
   mean, std = friedman1_scale(n_train, seed)
   return data_lib.Dataset(
-      name='friedman1',
-      x_train=x_train,
-      y_train=(y_train - mean) / std,
-      x_test=x_test,
-      y_test=(y_test - mean) / std,
-      num_classes=0,
+    name='friedman1',
+    x_train=x_train,
+    y_train=(y_train - mean) / std,
+    x_test=x_test,
+    y_test=(y_test - mean) / std,
+    num_classes=0,
   )
 
 
@@ -390,54 +387,54 @@ NATS_PER_CHAR = _Metric(_xent, _xent, 'held-out loss (nats/char)', 'value', Fals
 
 @_sizes_as_meta
 def classification(
-    model: str = 'mlp',
-    *,
-    dataset: str = data_lib.MNIST1D,
-    data_dir: str | None = None,
-    hidden: tuple[int, ...] = (512, 512),
-    channels: tuple[int, ...] = (32, 64),
-    dense: int = 128,
-    dropout_rate: float = 0.1,
-    num_steps: int = 1000,
-    batch_size: int = 128,
+  model: str = 'mlp',
+  *,
+  dataset: str = data_lib.MNIST1D,
+  data_dir: str | None = None,
+  hidden: tuple[int, ...] = (512, 512),
+  channels: tuple[int, ...] = (32, 64),
+  dense: int = 128,
+  dropout_rate: float = 0.1,
+  num_steps: int = 1000,
+  batch_size: int = 128,
 ) -> Task:
   """MNIST-1D (or a prepared TFDS dataset) with the MLP or the CNN; metric test accuracy."""
   if model == 'mlp':
     make = lambda d: models.MLP(hidden=hidden, num_classes=d.num_classes)
-    arch = f"MLP {'-'.join(map(str, hidden))}"
+    arch = f'MLP {"-".join(map(str, hidden))}'
   elif model == 'cnn':
     make = lambda d: models.CNN(
-        num_classes=d.num_classes, channels=channels, dense=dense, dropout_rate=dropout_rate
+      num_classes=d.num_classes, channels=channels, dense=dense, dropout_rate=dropout_rate
     )
     arch = (
-        f"CNN (channels {', '.join(map(str, channels))}, dense {dense}, dropout {dropout_rate:g})"
+      f'CNN (channels {", ".join(map(str, channels))}, dense {dense}, dropout {dropout_rate:g})'
     )
   else:
     raise ValueError(f"model must be 'mlp' or 'cnn', got {model!r}.")
   refs = {k: v for k, v in MNIST1D_PUBLISHED.items() if dataset == data_lib.MNIST1D}
   return Task(
-      name=f'{dataset}_{model}',
-      label=f'{dataset.upper() if dataset != "mnist1d" else "MNIST-1D"} {model.upper()}',
-      load=functools.partial(data_lib.load_dataset, dataset, data_dir=data_dir),
-      make_model=make,
-      **ACCURACY._asdict(),
-      num_steps=num_steps,
-      batch_size=batch_size,
-      batches=array_batches,
-      references=refs,
-      description=f'{arch} on {dataset}, cross-entropy loss; metric: accuracy on the test split.',
+    name=f'{dataset}_{model}',
+    label=f'{dataset.upper() if dataset != "mnist1d" else "MNIST-1D"} {model.upper()}',
+    load=functools.partial(data_lib.load_dataset, dataset, data_dir=data_dir),
+    make_model=make,
+    **ACCURACY._asdict(),
+    num_steps=num_steps,
+    batch_size=batch_size,
+    batches=array_batches,
+    references=refs,
+    description=f'{arch} on {dataset}, cross-entropy loss; metric: accuracy on the test split.',
   )
 
 
 @_sizes_as_meta
 def regression(
-    *,
-    hidden: tuple[int, ...] = (64, 64),
-    n_train: int = 2000,
-    n_test: int = 1000,
-    seed: int = 0,
-    num_steps: int = 2000,
-    batch_size: int = 128,
+  *,
+  hidden: tuple[int, ...] = (64, 64),
+  n_train: int = 2000,
+  n_test: int = 1000,
+  seed: int = 0,
+  num_steps: int = 2000,
+  batch_size: int = 128,
 ) -> Task:
   """Friedman #1 with a tanh MLP; MSE loss on standardised targets, test MSE in y's units."""
   _, std = friedman1_scale(n_train, seed)
@@ -445,70 +442,70 @@ def regression(
   in_units_of_y = lambda out, y: std**2 * squared_error(out, y)
   mse = _Metric(squared_error, in_units_of_y, 'test MSE', 'value', False)
   return Task(
-      name='regression',
-      label='Friedman #1 regression',
-      load=functools.partial(load_friedman1, n_train, n_test, seed),
-      make_model=lambda d: models.MLP(hidden=hidden, num_classes=1, activation=nn.tanh),
-      **mse._asdict(),
-      num_steps=num_steps,
-      batch_size=batch_size,
-      batches=array_batches,
-      references={'noise floor (σ² of ε)': 1.0},
-      description=(
-          f'Friedman #1 (x ~ U[0,1]^10, noise N(0,1)), {n_train} train / {n_test} test, tanh MLP'
-          f" 10-{'-'.join(map(str, hidden))}-1, MSE on targets standardised with the training"
-          ' mean and std; metric: test MSE in the original units (noise alone gives 1.0).'
-      ),
+    name='regression',
+    label='Friedman #1 regression',
+    load=functools.partial(load_friedman1, n_train, n_test, seed),
+    make_model=lambda d: models.MLP(hidden=hidden, num_classes=1, activation=nn.tanh),
+    **mse._asdict(),
+    num_steps=num_steps,
+    batch_size=batch_size,
+    batches=array_batches,
+    references={'noise floor (σ² of ε)': 1.0},
+    description=(
+      f'Friedman #1 (x ~ U[0,1]^10, noise N(0,1)), {n_train} train / {n_test} test, tanh MLP'
+      f' 10-{"-".join(map(str, hidden))}-1, MSE on targets standardised with the training'
+      ' mean and std; metric: test MSE in the original units (noise alone gives 1.0).'
+    ),
   )
 
 
 @_sizes_as_meta
 def char_lm(
-    *,
-    d_model: int = 64,
-    n_layer: int = 2,
-    n_head: int = 4,
-    seq_len: int = 64,
-    num_eval_windows: int = 256,
-    num_steps: int = 400,
-    batch_size: int = 32,
-    lr_scale: float = 1.0,
+  *,
+  d_model: int = 64,
+  n_layer: int = 2,
+  n_head: int = 4,
+  seq_len: int = 64,
+  num_eval_windows: int = 256,
+  num_steps: int = 400,
+  batch_size: int = 32,
+  lr_scale: float = 1.0,
 ) -> Task:
   """A character-level GPT on Python standard-library source; metric held-out nats/char."""
   return Task(
-      name='char_lm',
-      label='char LM (stdlib source)',
-      load=functools.partial(load_char_corpus, seq_len, num_eval_windows),
-      make_model=lambda d: models.GPT(
-          vocab_size=d.vocab_size, seq_len=seq_len, d_model=d_model, n_layer=n_layer, n_head=n_head
-      ),
-      **NATS_PER_CHAR._asdict(),
-      num_steps=num_steps,
-      batch_size=batch_size,
-      batches=text_batches,
-      lr_scale=lr_scale,
-      description=(
-          f'causal transformer ({n_layer} layers, d_model {d_model}, {n_head} heads, context'
-          f' {seq_len}) on the source of {len(STDLIB_FILES)} Python standard-library modules,'
-          ' split 90/10 by characters; metric: mean cross-entropy (nats/char) on'
-          f' {num_eval_windows} fixed held-out windows.'
-      ),
+    name='char_lm',
+    label='char LM (stdlib source)',
+    load=functools.partial(load_char_corpus, seq_len, num_eval_windows),
+    make_model=lambda d: models.GPT(
+      vocab_size=d.vocab_size, seq_len=seq_len, d_model=d_model, n_layer=n_layer, n_head=n_head
+    ),
+    **NATS_PER_CHAR._asdict(),
+    num_steps=num_steps,
+    batch_size=batch_size,
+    batches=text_batches,
+    lr_scale=lr_scale,
+    description=(
+      f'causal transformer ({n_layer} layers, d_model {d_model}, {n_head} heads, context'
+      f' {seq_len}) on the source of {len(STDLIB_FILES)} Python standard-library modules,'
+      ' split 90/10 by characters; metric: mean cross-entropy (nats/char) on'
+      f' {num_eval_windows} fixed held-out windows.'
+    ),
   )
 
 
 # Tiny models for smoke runs and tests: seconds instead of minutes.
 SMOKE_SIZES = {
-    'mnist1d_mlp': dict(hidden=(16,)),
-    'mnist1d_cnn': dict(channels=(4, 8), dense=16),
-    'regression': dict(hidden=(8,), n_train=256, n_test=64),
-    'char_lm': dict(d_model=16, n_layer=1, n_head=2, seq_len=16, num_eval_windows=16),
+  'mnist1d_mlp': dict(hidden=(16,)),
+  'mnist1d_cnn': dict(channels=(4, 8), dense=16),
+  'regression': dict(hidden=(8,), n_train=256, n_test=64),
+  'char_lm': dict(d_model=16, n_layer=1, n_head=2, seq_len=16, num_eval_windows=16),
 }
 CLASSIFICATION_TASKS = ('mnist1d_mlp', 'mnist1d_cnn')  # these take dataset= and data_dir=
 TASKS: dict[str, Callable[..., Task]] = {
-    'mnist1d_mlp': functools.partial(classification, 'mlp'),
-    'mnist1d_cnn': functools.partial(classification, 'cnn'),
-    'regression': regression,
-    'char_lm': char_lm,
+  'mnist1d_mlp': functools.partial(classification, 'mlp'),
+  'mnist1d_cnn': functools.partial(classification, 'cnn'),
+  'regression': regression,
+  'char_lm': char_lm,
 }
 
 
@@ -528,18 +525,18 @@ def get(name: str, **kwargs: Any) -> Task:
 def add_arguments(parser) -> None:
   """The command-line options that choose and size tasks (``--tasks``, ``--dataset``...)."""
   parser.add_argument(
-      '--tasks',
-      nargs='+',
-      default=None,
-      choices=sorted(TASKS),
-      metavar='TASK',
-      help=f'among {sorted(TASKS)}',
+    '--tasks',
+    nargs='+',
+    default=None,
+    choices=sorted(TASKS),
+    metavar='TASK',
+    help=f'among {sorted(TASKS)}',
   )
   parser.add_argument(
-      '--dataset',
-      default=data_lib.MNIST1D,
-      help="the classification tasks' dataset: mnist1d (generated locally) or a"
-      ' TFDS dataset prepared in --data-dir (mnist, fashion_mnist, cifar10)',
+    '--dataset',
+    default=data_lib.MNIST1D,
+    help="the classification tasks' dataset: mnist1d (generated locally) or a"
+    ' TFDS dataset prepared in --data-dir (mnist, fashion_mnist, cifar10)',
   )
   parser.add_argument('--data-dir', default=None, help='TFDS data directory (TFDS datasets only)')
   parser.add_argument('--steps', type=int, default=None, help="override every task's step count")

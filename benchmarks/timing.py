@@ -20,10 +20,10 @@ import numpy as np
 
 
 def interleaved(
-    blocks: Mapping[str, Callable[[], float]],
-    rounds: int,
-    *,
-    on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
+  blocks: Mapping[str, Callable[[], float]],
+  rounds: int,
+  *,
+  on_round: Callable[[int, dict[str, list[float]]], None] | None = None,
 ) -> dict[str, list[float]]:
   """Runs ``rounds`` rounds of every block, in rotating order.
 

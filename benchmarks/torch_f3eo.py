@@ -95,11 +95,11 @@ def _groups(n: int, projection: str) -> list[list[int]]:
 
 
 def effective_gradient(
-    loss: torch.Tensor,
-    params: Sequence[torch.Tensor],
-    in_meta: Sequence[bool] | None = None,
-    *,
-    rule: Rule = REFERENCE,
+  loss: torch.Tensor,
+  params: Sequence[torch.Tensor],
+  in_meta: Sequence[bool] | None = None,
+  *,
+  rule: Rule = REFERENCE,
 ) -> EffectiveGradient:
   """The effective gradient ``e = g + m⊥`` of one F3EO step, by double backward.
 
@@ -135,8 +135,8 @@ def effective_gradient(
       m[i] = m[i] - coef * g[i]
     if rule.max_ratio is not None:
       scale = torch.clamp(
-          rule.max_ratio * torch.sqrt(gg) / (torch.sqrt(_sq(m[i] for i in group)) + CAP_TINY),
-          max=1.0,
+        rule.max_ratio * torch.sqrt(gg) / (torch.sqrt(_sq(m[i] for i in group)) + CAP_TINY),
+        max=1.0,
       )
       cap_scale = torch.minimum(cap_scale, scale)
       for i in group:
@@ -144,7 +144,7 @@ def effective_gradient(
   meta_e = iter([x + y for x, y in zip(g, m)])
   e = [next(meta_e) if keep else gr.detach() for gr, keep in zip(grads, in_meta)]
   return EffectiveGradient(
-      e=e, grads=[gr.detach() for gr in grads], hg_norm=hg_norm, cap_scale=cap_scale
+    e=e, grads=[gr.detach() for gr in grads], hg_norm=hg_norm, cap_scale=cap_scale
   )
 
 

@@ -45,12 +45,12 @@ class CNN(nn.Module):
   """
 
   def __init__(
-      self,
-      input_shape: Sequence[int],
-      num_classes: int = 10,
-      channels: Sequence[int] = (32, 64),
-      dense: int = 128,
-      dropout_rate: float = 0.1,
+    self,
+    input_shape: Sequence[int],
+    num_classes: int = 10,
+    channels: Sequence[int] = (32, 64),
+    dense: int = 128,
+    dropout_rate: float = 0.1,
   ):
     super().__init__()
     shape = list(input_shape)
@@ -58,12 +58,19 @@ class CNN(nn.Module):
       shape.append(1)
     spatial, in_ch = shape[:-1], shape[-1]
     conv, norm, pool = (
-        (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d) if len(spatial) == 1 else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+      (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
+      if len(spatial) == 1
+      else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
     )
     kernel = 5 if len(spatial) == 1 else 3
     stages = []
     for width in channels:
-      stages += [conv(in_ch, width, kernel, padding=kernel // 2, bias=False), norm(width, eps=1e-5, momentum=0.1), nn.ReLU(), pool(2)]
+      stages += [
+        conv(in_ch, width, kernel, padding=kernel // 2, bias=False),
+        norm(width, eps=1e-5, momentum=0.1),
+        nn.ReLU(),
+        pool(2),
+      ]
       in_ch = width
       spatial = [s // 2 for s in spatial]
     self.features = nn.Sequential(*stages)
@@ -90,7 +97,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(width)
     self.shortcut = nn.Sequential()
     if stride != 1 or in_ch != width:
-      self.shortcut = nn.Sequential(nn.Conv2d(in_ch, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+      self.shortcut = nn.Sequential(
+        nn.Conv2d(in_ch, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+      )
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -101,9 +110,13 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
   """CIFAR ResNet-18: 3×3 stride-1 stem, no max-pool, [2, 2, 2, 2] basic blocks."""
 
-  def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512), in_channels: int = 3):
+  def __init__(
+    self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512), in_channels: int = 3
+  ):
     super().__init__()
-    self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+    self.stem = nn.Sequential(
+      nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+    )
     blocks, in_ch = [], widths[0]
     for stage, width in enumerate(widths):
       for block in range(2):
@@ -146,7 +159,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """Small causal transformer LM with learned positional embeddings; returns logits."""
 
-  def __init__(self, vocab_size: int, seq_len: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4):
+  def __init__(
+    self, vocab_size: int, seq_len: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4
+  ):
     super().__init__()
     self.tok = nn.Embedding(vocab_size, d_model)
     self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)

@@ -110,7 +110,7 @@ def cosine_schedule(peak: jax.Array, horizon: jax.Array) -> optax.Schedule:
 
 
 def make_tx(
-    variant: registry.Variant, hparams: Mapping[str, jax.Array]
+  variant: registry.Variant, hparams: Mapping[str, jax.Array]
 ) -> optax.GradientTransformation:
   """The variant's optimizer with a cosine schedule, from (possibly traced) ``hparams``."""
   schedule = cosine_schedule(hparams['learning_rate'], hparams['horizon'])
@@ -118,7 +118,7 @@ def make_tx(
 
 
 def hyperparams(
-    variant: registry.Variant, learning_rate, weight_decay, horizon
+  variant: registry.Variant, learning_rate, weight_decay, horizon
 ) -> dict[str, jax.Array]:
   """The traced inputs of a step: peak learning rate, horizon and (if any) weight decay."""
   out = {'learning_rate': jnp.float32(learning_rate), 'horizon': jnp.float32(horizon)}
@@ -143,11 +143,11 @@ def create_train_state(model, tx, example_x, seed: int, *, init_fn=None) -> Trai
   _, dropout_key = jax.random.split(jax.random.key(seed))
   params = variables.pop('params')
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      model_state=variables,
-      opt_state=tx.init(params),
-      rng=dropout_key,
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=variables,
+    opt_state=tx.init(params),
+    rng=dropout_key,
   )
 
 
@@ -169,12 +169,12 @@ def train_step(state: TrainState, x, y, hparams, *, model, task, variant):
   """
   tx = make_tx(variant, hparams)
   (loss, model_state), grads, obj_fn = f3eo_flax.linen_value_grad_and_obj_fn(
-      model.apply,
-      {'params': state.params, **state.model_state},
-      lambda out: task.loss(out, y).mean(),
-      x,
-      train=True,
-      rngs={'dropout': jax.random.fold_in(state.rng, state.step)},
+    model.apply,
+    {'params': state.params, **state.model_state},
+    lambda out: task.loss(out, y).mean(),
+    x,
+    train=True,
+    rngs={'dropout': jax.random.fold_in(state.rng, state.step)},
   )
   if variant.uses_obj_fn:
     updates, opt_state = tx.update(grads, state.opt_state, state.params, obj_fn=obj_fn)
@@ -184,10 +184,10 @@ def train_step(state: TrainState, x, y, hparams, *, model, task, variant):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {'grad_sq_norm': optax.tree.norm(grads, squared=True)}
   new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
-      model_state=model_state,
-      opt_state=opt_state,
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    model_state=model_state,
+    opt_state=opt_state,
   )
   return new_state, {'loss': loss, **metrics}
 
@@ -233,18 +233,18 @@ class StepCache:
     self._inits: dict[Any, Any] = {}
 
   def get(
-      self, task: tasks_lib.Task, variant: registry.Variant, data, batch
+    self, task: tasks_lib.Task, variant: registry.Variant, data, batch
   ) -> tuple[Compiled, float]:
     task_key = task.model_key()
     # Variants that build the same optimizer (adamw, adamw_wd) share a compiled step.
     key = (
-        *task_key,
-        variant.build,
-        repr(sorted(variant.options.items())),
-        variant.has_weight_decay,
-        variant.uses_obj_fn,
-        tuple(np.shape(batch[0])),
-        str(np.asarray(batch[0]).dtype),
+      *task_key,
+      variant.build,
+      repr(sorted(variant.options.items())),
+      variant.has_weight_decay,
+      variant.uses_obj_fn,
+      tuple(np.shape(batch[0])),
+      str(np.asarray(batch[0]).dtype),
     )
     if key in self._entries:
       return self._entries[key], 0.0
@@ -255,15 +255,15 @@ class StepCache:
     if shape_key not in self._inits:
       self._inits[shape_key] = jax.jit(functools.partial(init_variables, model, batch[0]))
     init = functools.partial(
-        create_train_state, model, make_tx(variant, hp), batch[0], init_fn=self._inits[shape_key]
+      create_train_state, model, make_tx(variant, hp), batch[0], init_fn=self._inits[shape_key]
     )
     state = jax.eval_shape(init, 0)
     step = (
-        jax.jit(
-            functools.partial(train_step, model=model, task=task, variant=variant), donate_argnums=0
-        )
-        .lower(state, *batch, hp)
-        .compile()
+      jax.jit(
+        functools.partial(train_step, model=model, task=task, variant=variant), donate_argnums=0
+      )
+      .lower(state, *batch, hp)
+      .compile()
     )
     if task_key not in self._evals:
       self._evals[task_key] = jax.jit(functools.partial(eval_step, model=model, task=task))
@@ -281,13 +281,13 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def train_and_evaluate(
-    config: Config,
-    task: tasks_lib.Task,
-    data: tasks_lib.Data,
-    *,
-    cache: StepCache | None = None,
-    progress: bool = True,
-    desc: str = '',
+  config: Config,
+  task: tasks_lib.Task,
+  data: tasks_lib.Data,
+  *,
+  cache: StepCache | None = None,
+  progress: bool = True,
+  desc: str = '',
 ) -> dict[str, Any]:
   """Trains one model with one optimizer and evaluates it along the way.
 
@@ -370,36 +370,36 @@ def train_and_evaluate(
   if variant.has_weight_decay:
     wd = registry.DEFAULT_WEIGHT_DECAY if config.weight_decay is None else config.weight_decay
   return {
-      'config': dataclasses.asdict(config),
-      'task': task.name,
-      'variant': variant.name,
-      'label': variant.label,
-      'learning_rate': config.learning_rate,
-      'weight_decay': wd,
-      **history,
-      'step_values': step_values,
-      'counters': counters,
-      'final_metric': task.worst() if diverged else history['metric'][-1],
-      'best_metric': best,
-      'final_eval_loss': history['eval_loss'][-1],
-      'final_train_loss': history['train_loss'][-1],
-      'diverged': diverged,
-      'steps_done': int(steps_done),
-      'train_time_s': train_time,
-      'steps_per_s': steps_done / train_time if train_time > 0 else math.nan,
-      'compile_time_s': compile_time,
+    'config': dataclasses.asdict(config),
+    'task': task.name,
+    'variant': variant.name,
+    'label': variant.label,
+    'learning_rate': config.learning_rate,
+    'weight_decay': wd,
+    **history,
+    'step_values': step_values,
+    'counters': counters,
+    'final_metric': task.worst() if diverged else history['metric'][-1],
+    'best_metric': best,
+    'final_eval_loss': history['eval_loss'][-1],
+    'final_train_loss': history['train_loss'][-1],
+    'diverged': diverged,
+    'steps_done': int(steps_done),
+    'train_time_s': train_time,
+    'steps_per_s': steps_done / train_time if train_time > 0 else math.nan,
+    'compile_time_s': compile_time,
   }
 
 
 def sweep(
-    base: Config,
-    task: tasks_lib.Task,
-    data: tasks_lib.Data,
-    candidates: Sequence[registry.Hyperparams] | None = None,
-    *,
-    cache: StepCache | None = None,
-    progress: bool = True,
-    run_fn=None,
+  base: Config,
+  task: tasks_lib.Task,
+  data: tasks_lib.Data,
+  candidates: Sequence[registry.Hyperparams] | None = None,
+  *,
+  cache: StepCache | None = None,
+  progress: bool = True,
+  run_fn=None,
 ) -> tuple[registry.Hyperparams, list[dict[str, Any]]]:
   """Picks the hyperparameters with the best final metric on a validation split.
 
@@ -430,20 +430,20 @@ def sweep(
     wd = base.weight_decay if c.weight_decay is None else c.weight_decay
     config = dataclasses.replace(base, learning_rate=c.learning_rate, weight_decay=wd)
     run = run_fn(
-        config,
-        task,
-        validation,
-        cache=cache,
-        progress=progress,
-        desc=f'sweep {task.name}/{variant.name} {c.label()}',
+      config,
+      task,
+      validation,
+      cache=cache,
+      progress=progress,
+      desc=f'sweep {task.name}/{variant.name} {c.label()}',
     )
     records.append(
-        {
-            'learning_rate': c.learning_rate,
-            'weight_decay': wd,
-            'metric': run['final_metric'],
-            'diverged': run['diverged'],
-        }
+      {
+        'learning_rate': c.learning_rate,
+        'weight_decay': wd,
+        'metric': run['final_metric'],
+        'diverged': run['diverged'],
+      }
     )
     if best is None or task.better(run['final_metric'], best[1]):
       best = (registry.Hyperparams(c.learning_rate, wd), run['final_metric'])
@@ -451,13 +451,13 @@ def sweep(
 
 
 def time_steps(
-    configs: Mapping[str, Config],
-    task: tasks_lib.Task,
-    data: tasks_lib.Data,
-    *,
-    cache: StepCache | None = None,
-    rounds: int = 7,
-    block: int = 10,
+  configs: Mapping[str, Config],
+  task: tasks_lib.Task,
+  data: tasks_lib.Data,
+  *,
+  cache: StepCache | None = None,
+  rounds: int = 7,
+  block: int = 10,
 ) -> dict[str, dict[str, Any]]:
   """Seconds per compiled training step of each config, by interleaved timing.
 
@@ -495,25 +495,25 @@ def time_steps(
   per_round = timing.interleaved(blocks, rounds)
   first = per_round[next(iter(configs))]
   return {
-      name: {
-          'step_s': float(np.median(t)),
-          'per_round_s': t,
-          'ratio': timing.paired_ratio(t, first),
-      }
-      for name, t in per_round.items()
+    name: {
+      'step_s': float(np.median(t)),
+      'per_round_s': t,
+      'ratio': timing.paired_ratio(t, first),
+    }
+    for name, t in per_round.items()
   }
 
 
 def run_protocol(
-    base: Config,
-    task: tasks_lib.Task,
-    data: tasks_lib.Data,
-    *,
-    seeds: Sequence[int] = (0,),
-    tune: bool = False,
-    cache: StepCache | None = None,
-    progress: bool = True,
-    run_fn=None,
+  base: Config,
+  task: tasks_lib.Task,
+  data: tasks_lib.Data,
+  *,
+  seeds: Sequence[int] = (0,),
+  tune: bool = False,
+  cache: StepCache | None = None,
+  progress: bool = True,
+  run_fn=None,
 ) -> dict[str, Any]:
   """Optionally tunes on the validation split, then trains one run per seed on all the data.
 
@@ -536,30 +536,30 @@ def run_protocol(
   if tune:
     chosen, records = sweep(base, task, data, cache=cache, progress=progress, run_fn=run_fn)
     base = dataclasses.replace(
-        base, learning_rate=chosen.learning_rate, weight_decay=chosen.weight_decay
+      base, learning_rate=chosen.learning_rate, weight_decay=chosen.weight_decay
     )
   name = base.variant().name
   runs = [
-      run_fn(
-          dataclasses.replace(base, seed=seed),
-          task,
-          data,
-          cache=cache,
-          progress=progress,
-          desc=f'{task.name}/{name} seed {seed}',
-      )
-      for seed in seeds
+    run_fn(
+      dataclasses.replace(base, seed=seed),
+      task,
+      data,
+      cache=cache,
+      progress=progress,
+      desc=f'{task.name}/{name} seed {seed}',
+    )
+    for seed in seeds
   ]
   return {'chosen': chosen, 'sweep': records, 'runs': runs}
 
 
 def one_line(run: Mapping[str, Any], task: tasks_lib.Task) -> str:
   """A finished run in one line, for the console."""
-  metric = 'diverged' if run['diverged'] else f"{run['final_metric']:.4g}"
+  metric = 'diverged' if run['diverged'] else f'{run["final_metric"]:.4g}'
   return (
-      f"{task.name}/{run['variant']} seed {run['config']['seed']}: {task.metric} {metric},"
-      f" {run['steps_done']} steps in {run['train_time_s']:.1f} s"
-      f" ({run['steps_per_s']:.0f} steps/s, +{run['compile_time_s']:.1f} s compile)"
+    f'{task.name}/{run["variant"]} seed {run["config"]["seed"]}: {task.metric} {metric},'
+    f' {run["steps_done"]} steps in {run["train_time_s"]:.1f} s'
+    f' ({run["steps_per_s"]:.0f} steps/s, +{run["compile_time_s"]:.1f} s compile)'
   )
 
 
@@ -600,20 +600,20 @@ class RunCache:
     return value
 
   def run(
-      self, config: Config, task: tasks_lib.Task, data: tasks_lib.Data, **kwargs
+    self, config: Config, task: tasks_lib.Task, data: tasks_lib.Data, **kwargs
   ) -> dict[str, Any]:
     """:func:`train_and_evaluate`, or its stored result (per-step values block-averaged)."""
     key = json.dumps(
-        {
-            'config': config.key(),
-            'task': task.name,
-            'sizes': repr(sorted(task.meta.items())),
-            'data': getattr(data, 'name', ''),
-            'f3eo_jax': f3eo_jax.__version__,
-            'python': platform.python_version(),
-        },
-        sort_keys=True,
+      {
+        'config': config.key(),
+        'task': task.name,
+        'sizes': repr(sorted(task.meta.items())),
+        'data': getattr(data, 'name', ''),
+        'f3eo_jax': f3eo_jax.__version__,
+        'python': platform.python_version(),
+      },
+      sort_keys=True,
     )
     return self.memo(
-        key, lambda: reporting.downsample(train_and_evaluate(config, task, data, **kwargs), 200)
+      key, lambda: reporting.downsample(train_and_evaluate(config, task, data, **kwargs), 200)
     )

@@ -30,13 +30,13 @@ import numpy as np
 
 # `%name = SHAPE op(` where SHAPE is one array (`f32[4,8]{1,0}`) or a tuple of them.
 _COLLECTIVE = re.compile(
-    r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
-    r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
+  r'=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+'
+  r'(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\('
 )
 _ARRAY = re.compile(r'[a-z]+[0-9]*\[([0-9,]*)\]')
 _BRANCHES = re.compile(
-    r'(?:branch_computations=\{(?P<list>[^}]*)\}|'
-    r'(?:true|false)_computation=%?(?P<one>[\w.\-]+))'
+  r'(?:branch_computations=\{(?P<list>[^}]*)\}|'
+  r'(?:true|false)_computation=%?(?P<one>[\w.\-]+))'
 )
 
 
@@ -57,8 +57,8 @@ def host_device_flags(num_devices: int, *, fast_compile: bool = False) -> str:
   jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
   if jaxlib >= (0, 9):  # a busy host can starve a device thread past the 40 s rendezvous default
     flags += [
-        '--xla_cpu_collective_call_terminate_timeout_seconds=600',
-        '--xla_cpu_collective_timeout_seconds=600',
+      '--xla_cpu_collective_call_terminate_timeout_seconds=600',
+      '--xla_cpu_collective_timeout_seconds=600',
     ]
   return ' '.join([os.environ.get('XLA_FLAGS', ''), *flags]).strip()
 
@@ -104,8 +104,8 @@ def collectives(hlo_text: str, *, by_branch: bool = False) -> dict[str, dict[str
       continue
     for m in _COLLECTIVE.finditer(line):
       sizes = [
-          int(np.prod([int(d) for d in dims.split(',') if d], dtype=np.int64))
-          for dims in _ARRAY.findall(m.group('shape'))
+        int(np.prod([int(d) for d in dims.split(',') if d], dtype=np.int64))
+        for dims in _ARRAY.findall(m.group('shape'))
       ]
       key = m.group('op')
       if by_branch:
@@ -129,10 +129,10 @@ def memory_bytes(compiled) -> dict[str, int]:
   """
   mem = compiled.memory_analysis()
   out = {
-      'argument': int(mem.argument_size_in_bytes),
-      'output': int(mem.output_size_in_bytes),
-      'temp': int(mem.temp_size_in_bytes),
-      'alias': int(mem.alias_size_in_bytes),
+    'argument': int(mem.argument_size_in_bytes),
+    'output': int(mem.output_size_in_bytes),
+    'temp': int(mem.temp_size_in_bytes),
+    'alias': int(mem.alias_size_in_bytes),
   }
   out['peak'] = out['argument'] + out['output'] + out['temp'] - out['alias']
   return out

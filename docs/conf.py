@@ -41,12 +41,12 @@ version = '.'.join(release.split('.')[:2])
 # -- General ----------------------------------------------------------------------------------
 
 extensions = [
-    'myst_nb',  # Markdown (MyST) pages and the notebooks
-    'sphinx.ext.autodoc',
-    'sphinx.ext.napoleon',
-    'sphinx.ext.intersphinx',
-    'sphinx.ext.mathjax',
-    'sphinx.ext.viewcode',
+  'myst_nb',  # Markdown (MyST) pages and the notebooks
+  'sphinx.ext.autodoc',
+  'sphinx.ext.napoleon',
+  'sphinx.ext.intersphinx',
+  'sphinx.ext.mathjax',
+  'sphinx.ext.viewcode',
 ]
 exclude_patterns = ['_build', 'Thumbs.db', '.DS_Store', '**.ipynb_checkpoints']
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb', '.ipynb': 'myst-nb'}
@@ -62,11 +62,11 @@ autodoc_typehints_description_target = 'documented_params'
 autodoc_preserve_defaults = True
 # Keep the library's type aliases by name in signatures rather than expanding them.
 autodoc_type_aliases = {
-    name: name
-    for name in (
-        *('PyTree', 'ObjFn', 'HvpFn', 'MaskOrFn', 'Projection', 'ScalarLike', 'AxisName'),
-        *('optax.ScalarOrSchedule', 'optax.Updates', 'optax.Params'),
-    )
+  name: name
+  for name in (
+    *('PyTree', 'ObjFn', 'HvpFn', 'MaskOrFn', 'Projection', 'ScalarLike', 'AxisName'),
+    *('optax.ScalarOrSchedule', 'optax.Updates', 'optax.Params'),
+  )
 }
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -89,11 +89,11 @@ html_static_path: list[str] = []
 # -- Intersphinx ------------------------------------------------------------------------------
 
 _INTERSPHINX = {
-    'python': 'https://docs.python.org/3/',
-    'numpy': 'https://numpy.org/doc/stable/',
-    'jax': 'https://docs.jax.dev/en/latest/',
-    'optax': 'https://optax.readthedocs.io/en/latest/',
-    'flax': 'https://flax.readthedocs.io/en/latest/',
+  'python': 'https://docs.python.org/3/',
+  'numpy': 'https://numpy.org/doc/stable/',
+  'jax': 'https://docs.jax.dev/en/latest/',
+  'optax': 'https://optax.readthedocs.io/en/latest/',
+  'flax': 'https://flax.readthedocs.io/en/latest/',
 }
 
 
@@ -116,8 +116,8 @@ else:
   _missing = sorted(set(_INTERSPHINX) - set(_available))
   if _missing:
     print(
-        f'intersphinx: no inventory reachable for {", ".join(_missing)}; links to them '
-        'are plain text in this build.'
+      f'intersphinx: no inventory reachable for {", ".join(_missing)}; links to them '
+      'are plain text in this build.'
     )
 intersphinx_mapping = {name: (url, None) for name, url in _available.items()}
 intersphinx_timeout = 10
@@ -155,7 +155,7 @@ def _public_names() -> dict[str, str]:
     return not name.startswith('_') and getattr(value, '__module__', '') == f3eo_flax.__name__
 
   flax_all = getattr(f3eo_flax, '__all__', None) or [
-      n for n, v in vars(f3eo_flax).items() if callable(v) and defined_here(n, v)
+    n for n, v in vars(f3eo_flax).items() if callable(v) and defined_here(n, v)
   ]
   names.update({f'f3eo_jax.flax.{n}': 'f3eo_jax.flax' for n in flax_all})
   return names
@@ -231,7 +231,7 @@ def _check_source(app, docname, source):
   match = _FORBIDDEN.search(source[0])
   if match:
     LOGGER.warning(
-        '%s points outside the repository: %r', docname, match.group(0), location=docname
+      '%s points outside the repository: %r', docname, match.group(0), location=docname
     )
 
 
@@ -259,12 +259,12 @@ def _resolve_private_module_paths(app, env, node, contnode):
         new = node.deepcopy()
         new['reftarget'] = alias
         resolved = domain.resolve_xref(
-            env, node['refdoc'], app.builder, node['reftype'], alias, new, contnode
+          env, node['refdoc'], app.builder, node['reftype'], alias, new, contnode
         )
         if resolved is not None:
           return resolved
   looks_internal = target.startswith('f3eo_jax') or any(
-      target == name.rsplit('.', 1)[-1] for name in public
+    target == name.rsplit('.', 1)[-1] for name in public
   )
   if looks_internal and not target.startswith(('f3eo_jax._', 'f3eo_jax.transform._')):
     LOGGER.warning('unresolved reference to %r (%s)', target, node['reftype'], location=node)

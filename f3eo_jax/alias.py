@@ -16,37 +16,37 @@ DEFAULT_META_MAX_RATIO = 0.1
 
 
 def _adamw_tail(
-    learning_rate: optax.ScalarOrSchedule,
-    scale_by_moments: optax.GradientTransformation,
-    weight_decay: ScalarLike,
-    weight_decay_mask: MaskOrFn,
+  learning_rate: optax.ScalarOrSchedule,
+  scale_by_moments: optax.GradientTransformation,
+  weight_decay: ScalarLike,
+  weight_decay_mask: MaskOrFn,
 ) -> tuple[optax.GradientTransformation, ...]:
   """What ``optax.adamw`` does after its moments: decoupled weight decay, then the lr."""
   return (
-      scale_by_moments,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_moments,
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def f3eo(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: ScalarLike = 0.9,
-    b2: ScalarLike = 0.999,
-    eps: ScalarLike = 1e-8,
-    weight_decay: ScalarLike = 1e-4,
-    *,
-    mu_dtype: Any | None = None,
-    weight_decay_mask: MaskOrFn = None,
-    meta_coef: ScalarLike = 1.0,
-    orthogonalize: bool = True,
-    projection: Projection = 'global',
-    meta_clip_norm: ScalarLike | None = None,
-    meta_max_ratio: ScalarLike | None = DEFAULT_META_MAX_RATIO,
-    hvp_every: int = 1,
-    meta_mask: MaskOrFn = None,
-    axis_name: AxisName | None = None,
-    check_consistency: ScalarLike | None = 1e-2,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: ScalarLike = 0.9,
+  b2: ScalarLike = 0.999,
+  eps: ScalarLike = 1e-8,
+  weight_decay: ScalarLike = 1e-4,
+  *,
+  mu_dtype: Any | None = None,
+  weight_decay_mask: MaskOrFn = None,
+  meta_coef: ScalarLike = 1.0,
+  orthogonalize: bool = True,
+  projection: Projection = 'global',
+  meta_clip_norm: ScalarLike | None = None,
+  meta_max_ratio: ScalarLike | None = DEFAULT_META_MAX_RATIO,
+  hvp_every: int = 1,
+  meta_mask: MaskOrFn = None,
+  axis_name: AxisName | None = None,
+  check_consistency: ScalarLike | None = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
   """F3EO: AdamW on the gradient plus its orthogonal, capped meta-gradient ``H·g``.
 
@@ -105,39 +105,39 @@ def f3eo(
     True
   """
   return optax.chain(
-      add_meta_gradient(
-          meta_coef,
-          orthogonalize=orthogonalize,
-          projection=projection,
-          meta_clip_norm=meta_clip_norm,
-          meta_max_ratio=meta_max_ratio,
-          hvp_every=hvp_every,
-          meta_mask=meta_mask,
-          axis_name=axis_name,
-          check_consistency=check_consistency,
-      ),
-      *_adamw_tail(
-          learning_rate,
-          optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
-          weight_decay,
-          weight_decay_mask,
-      ),
+    add_meta_gradient(
+      meta_coef,
+      orthogonalize=orthogonalize,
+      projection=projection,
+      meta_clip_norm=meta_clip_norm,
+      meta_max_ratio=meta_max_ratio,
+      hvp_every=hvp_every,
+      meta_mask=meta_mask,
+      axis_name=axis_name,
+      check_consistency=check_consistency,
+    ),
+    *_adamw_tail(
+      learning_rate,
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+      weight_decay,
+      weight_decay_mask,
+    ),
   )
 
 
 def f3eo_reference(
-    learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: ScalarLike = 0.9,
-    b2: ScalarLike = 0.999,
-    eps: ScalarLike = 1e-8,
-    weight_decay: ScalarLike = 0.0,
-    amsgrad: bool = False,
-    *,
-    mu_dtype: Any | None = None,
-    weight_decay_mask: MaskOrFn = None,
-    meta_mask: MaskOrFn = None,
-    axis_name: AxisName | None = None,
-    check_consistency: ScalarLike | None = 1e-2,
+  learning_rate: optax.ScalarOrSchedule = 1e-3,
+  b1: ScalarLike = 0.9,
+  b2: ScalarLike = 0.999,
+  eps: ScalarLike = 1e-8,
+  weight_decay: ScalarLike = 0.0,
+  amsgrad: bool = False,
+  *,
+  mu_dtype: Any | None = None,
+  weight_decay_mask: MaskOrFn = None,
+  meta_mask: MaskOrFn = None,
+  axis_name: AxisName | None = None,
+  check_consistency: ScalarLike | None = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
   """The published PyTorch F3EO rule, step for step.
 
@@ -174,18 +174,18 @@ def f3eo_reference(
   """
   _check_bool('amsgrad', amsgrad)
   scale_by_moments = (
-      scale_by_amsgrad_torch(b1, b2, eps, mu_dtype=mu_dtype)
-      if amsgrad
-      else optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+    scale_by_amsgrad_torch(b1, b2, eps, mu_dtype=mu_dtype)
+    if amsgrad
+    else optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   )
   return optax.chain(
-      add_meta_gradient(
-          -2.0,
-          projection='per_leaf',
-          meta_clip_norm=1.0,
-          meta_mask=meta_mask,
-          axis_name=axis_name,
-          check_consistency=check_consistency,
-      ),
-      *_adamw_tail(learning_rate, scale_by_moments, weight_decay, weight_decay_mask),
+    add_meta_gradient(
+      -2.0,
+      projection='per_leaf',
+      meta_clip_norm=1.0,
+      meta_mask=meta_mask,
+      axis_name=axis_name,
+      check_consistency=check_consistency,
+    ),
+    *_adamw_tail(learning_rate, scale_by_moments, weight_decay, weight_decay_mask),
   )

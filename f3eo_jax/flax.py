@@ -29,14 +29,13 @@ from flax.training import train_state
 from f3eo_jax._types import HvpFn, ObjFn, PyTree
 
 
-
 def apply_gradients(
-    state: train_state.TrainState,
-    grads: PyTree,
-    *,
-    obj_fn: ObjFn | None = None,
-    hvp_fn: HvpFn | None = None,
-    **replace_kwargs: Any,
+  state: train_state.TrainState,
+  grads: PyTree,
+  *,
+  obj_fn: ObjFn | None = None,
+  hvp_fn: HvpFn | None = None,
+  **replace_kwargs: Any,
 ) -> train_state.TrainState:
   """``state.apply_gradients`` for a Linen ``TrainState`` whose ``tx`` is F3EO.
 
@@ -80,8 +79,8 @@ def apply_gradients(
   """
   if isinstance(grads, Mapping) and OVERWRITE_WITH_GRADIENT in grads:
     raise NotImplementedError(
-        f'f3eo_jax.flax.apply_gradients does not support the {OVERWRITE_WITH_GRADIENT!r}'
-        ' collection (fp8 training); obj_fn would have to cover it as well.'
+      f'f3eo_jax.flax.apply_gradients does not support the {OVERWRITE_WITH_GRADIENT!r}'
+      ' collection (fp8 training); obj_fn would have to cover it as well.'
     )
   extra_args = {}
   if obj_fn is not None:
@@ -90,22 +89,22 @@ def apply_gradients(
     extra_args['hvp_fn'] = hvp_fn
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params, **extra_args)
   return state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, updates),
-      opt_state=opt_state,
-      **replace_kwargs,
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    **replace_kwargs,
   )
 
 
 def linen_value_grad_and_obj_fn(
-    apply_fn: Callable[..., Any],
-    variables: Mapping[str, PyTree],
-    loss_fn: Callable[[Any], Any],
-    *inputs: Any,
-    rngs: Mapping[str, jax.Array] | None = None,
-    mutable: bool | str | Sequence[str] | None = None,
-    has_aux: bool = False,
-    **apply_kwargs: Any,
+  apply_fn: Callable[..., Any],
+  variables: Mapping[str, PyTree],
+  loss_fn: Callable[[Any], Any],
+  *inputs: Any,
+  rngs: Mapping[str, jax.Array] | None = None,
+  mutable: bool | str | Sequence[str] | None = None,
+  has_aux: bool = False,
+  **apply_kwargs: Any,
 ) -> tuple[tuple[Any, PyTree], PyTree, ObjFn]:
   """Loss, gradient and F3EO's ``obj_fn`` of a Linen model, from one function.
 
@@ -181,12 +180,12 @@ def linen_value_grad_and_obj_fn(
 
 
 def nnx_value_grad_and_obj_fn(
-    model: nnx.Module,
-    loss_fn: Callable[..., Any],
-    *args: Any,
-    wrt: Any = nnx.Param,
-    has_aux: bool = False,
-    **kwargs: Any,
+  model: nnx.Module,
+  loss_fn: Callable[..., Any],
+  *args: Any,
+  wrt: Any = nnx.Param,
+  has_aux: bool = False,
+  **kwargs: Any,
 ) -> tuple[Any, nnx.State, ObjFn]:
   """Loss, gradient and F3EO's ``obj_fn`` of an NNX model, from one function.
 
@@ -243,14 +242,14 @@ def nnx_value_grad_and_obj_fn(
     >>> int(optimizer.step[...])
     1
   """
-  graphdef, params, rest = nnx.split(model, wrt, ...)
+  graphdef, params, rest = nnx.split(model, wrt, ...)  # type: ignore[misc]
   rest = nnx.as_pure(rest)  # arrays, not the model's Variables: later updates cannot leak in
 
   def objective(p, rest_state):
     clone = nnx.merge(graphdef, p, rest_state, copy=True)
     value = loss_fn(clone, *args, **kwargs)
     loss = value[0] if has_aux else value
-    _, _, new_rest = nnx.split(clone, wrt, ...)
+    _, _, new_rest = nnx.split(clone, wrt, ...)  # type: ignore[misc]
     return loss, (value, nnx.as_pure(new_rest))
 
   (_, (value, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(params, rest)

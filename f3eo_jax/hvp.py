@@ -36,25 +36,25 @@ def _checked_loss(value: Any, *, has_aux: bool) -> jax.Array:
   if has_aux:
     if not (isinstance(value, tuple) and len(value) == 2):
       raise TypeError(
-          'With has_aux=True the objective must return a pair (loss, aux); got'
-          f' {type(value).__name__}.'
+        'With has_aux=True the objective must return a pair (loss, aux); got'
+        f' {type(value).__name__}.'
       )
     value = value[0]
   elif isinstance(value, (tuple, list)):
     raise TypeError(
-        f'obj_fn returned a {type(value).__name__} of {len(value)} items; it must return'
-        ' the scalar loss alone. If your loss function returns (loss, aux), pass'
-        ' obj_fn=lambda p: loss_fn(p)[0].'
+      f'obj_fn returned a {type(value).__name__} of {len(value)} items; it must return'
+      ' the scalar loss alone. If your loss function returns (loss, aux), pass'
+      ' obj_fn=lambda p: loss_fn(p)[0].'
     )
   shape = jnp.shape(value)
   if shape != ():
     raise TypeError(
-        'obj_fn must return a scalar loss (shape ()), got an output of shape'
-        f' {shape}. Reduce it first, for example with jnp.mean(...).'
+      'obj_fn must return a scalar loss (shape ()), got an output of shape'
+      f' {shape}. Reduce it first, for example with jnp.mean(...).'
     )
   if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
     raise TypeError(
-        f'obj_fn must return a real floating-point loss, got dtype {jnp.result_type(value)}.'
+      f'obj_fn must return a real floating-point loss, got dtype {jnp.result_type(value)}.'
     )
   return value
 
@@ -73,21 +73,25 @@ class _Differentiable:
   def merge(self, part: PyTree) -> PyTree:
     """The parameters with their differentiable leaves taken from ``part``."""
     return jax.tree.map(
-        lambda d, p: p if d is None else d, part, self.params, is_leaf=lambda x: x is None
+      lambda d, p: p if d is None else d, part, self.params, is_leaf=lambda x: x is None
     )
 
   def select(self, tree: PyTree) -> PyTree:
     """``tree``'s leaves at the differentiable positions, cast to the params' dtypes."""
     return jax.tree.map(
-        lambda d, t: None if d is None else jnp.asarray(t, jnp.result_type(d)),
-        self.part, tree, is_leaf=lambda x: x is None,
+      lambda d, t: None if d is None else jnp.asarray(t, jnp.result_type(d)),
+      self.part,
+      tree,
+      is_leaf=lambda x: x is None,
     )
 
   def full(self, part: PyTree) -> PyTree:
     """``part`` with zeros (of the params' dtypes) at the non-differentiable leaves."""
     return jax.tree.map(
-        lambda d, p: jnp.zeros_like(p) if d is None else d,
-        part, self.params, is_leaf=lambda x: x is None,
+      lambda d, p: jnp.zeros_like(p) if d is None else d,
+      part,
+      self.params,
+      is_leaf=lambda x: x is None,
     )
 
 
@@ -173,7 +177,7 @@ def hvp(obj_fn: ObjFn, params: PyTree, tangent: PyTree) -> PyTree:
 
 
 def value_grad_and_hvp(
-    obj_fn: Callable[..., Any], params: PyTree, *, has_aux: bool = False
+  obj_fn: Callable[..., Any], params: PyTree, *, has_aux: bool = False
 ) -> tuple[Any, PyTree, HvpFn]:
   """Loss, gradient and a Hessian-vector product function from one linearization.
 
@@ -202,7 +206,7 @@ def value_grad_and_hvp(
   """
   split = _Differentiable(params)
   grads, linear_fn, value = jax.linearize(
-      _grad_fn(obj_fn, split, has_aux=has_aux), split.part, has_aux=True
+    _grad_fn(obj_fn, split, has_aux=has_aux), split.part, has_aux=True
   )
 
   def hvp_fn(tangent: PyTree) -> PyTree:
@@ -212,11 +216,11 @@ def value_grad_and_hvp(
 
 
 def accumulated_value_grad_and_hvp(
-    loss_fn: Callable[[PyTree, Any], Any],
-    params: PyTree,
-    microbatches: PyTree,
-    *,
-    has_aux: bool = False,
+  loss_fn: Callable[[PyTree, Any], Any],
+  params: PyTree,
+  microbatches: PyTree,
+  *,
+  has_aux: bool = False,
 ) -> tuple[Any, PyTree, HvpFn]:
   """Gradient accumulation for F3EO: the mean loss, its gradient and ``v ↦ H̄·v``.
 
@@ -269,6 +273,7 @@ def accumulated_value_grad_and_hvp(
 
   grads, values = jax.lax.scan(accumulate_grads, zeros, microbatches)
   grads = jax.tree.map(lambda g: g / num, grads)
+  value: Any
   if has_aux:
     value = (jnp.mean(values[0]), values[1])
   else:

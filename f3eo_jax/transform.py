@@ -33,14 +33,14 @@ from f3eo_jax import hvp as hvp_lib
 from f3eo_jax._types import AxisName, HvpFn, MaskOrFn, ObjFn, Projection, PyTree, ScalarLike
 
 __all__ = [
-    'GradientMismatchError',
-    'MetaGradientDiagnostics',
-    'MetaGradientState',
-    'ScaleByAmsgradState',
-    'add_meta_gradient',
-    'diagnostics',
-    'raise_on_mismatch',
-    'scale_by_amsgrad_torch',
+  'GradientMismatchError',
+  'MetaGradientDiagnostics',
+  'MetaGradientState',
+  'ScaleByAmsgradState',
+  'add_meta_gradient',
+  'diagnostics',
+  'raise_on_mismatch',
+  'scale_by_amsgrad_torch',
 ]
 
 _PROJECTIONS = ('global', 'per_leaf')
@@ -48,17 +48,17 @@ _CLIP_EPS = 1e-6  # m ← m · min(1, τ / (‖m‖ + 1e-6)), as the published c
 _MAX_HVP_EVERY = 2**31 - 1  # the step counter is an int32
 
 _USAGE = (
-    'Pass the loss that produced the gradients, for example '
-    '`tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))`, '
-    'or your own Hessian-vector product as `hvp_fn=`.'
+  'Pass the loss that produced the gradients, for example '
+  '`tx.update(grads, state, params, obj_fn=lambda p: loss(p, batch))`, '
+  'or your own Hessian-vector product as `hvp_fn=`.'
 )
 _MISMATCH_CAUSES = (
-    'obj_fn must be the very loss whose gradient was passed as `updates`: the same batch,'
-    ' the same dropout key, batch norm in the same mode with the same statistics. Other'
-    ' causes: a transform placed before add_meta_gradient in an optax.chain (for example'
-    ' clip_by_global_norm) changes g, so put the meta-gradient first; optax.MultiSteps'
-    ' averages g over micro-batches but passes only the last micro-batch\'s obj_fn, so'
-    ' accumulate with f3eo_jax.accumulated_value_grad_and_hvp instead.'
+  'obj_fn must be the very loss whose gradient was passed as `updates`: the same batch,'
+  ' the same dropout key, batch norm in the same mode with the same statistics. Other'
+  ' causes: a transform placed before add_meta_gradient in an optax.chain (for example'
+  ' clip_by_global_norm) changes g, so put the meta-gradient first; optax.MultiSteps'
+  " averages g over micro-batches but passes only the last micro-batch's obj_fn, so"
+  ' accumulate with f3eo_jax.accumulated_value_grad_and_hvp instead.'
 )
 
 
@@ -99,8 +99,14 @@ def _is_scalar_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) and np.ndim(x) == 0
 
 
-def _check_real(name: str, value: Any, *, minimum: float | None = None, strict: bool = False,
-                integer: bool = False) -> None:
+def _check_real(
+  name: str,
+  value: Any,
+  *,
+  minimum: float | None = None,
+  strict: bool = False,
+  integer: bool = False,
+) -> None:
   """Raises unless ``value`` is a real scalar (a Python number or a 0-d array) in range.
 
   Arrays (``optax.inject_hyperparams`` passes them, possibly traced) are only checked
@@ -110,8 +116,11 @@ def _check_real(name: str, value: Any, *, minimum: float | None = None, strict: 
     dtype = jnp.result_type(value)
     if jnp.issubdtype(dtype, jnp.complexfloating) and not integer:
       return  # inject_hyperparams on complex params casts floats to complex; the real part is used
-    ok = jnp.issubdtype(dtype, jnp.integer) if integer else (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    ok = (
+      jnp.issubdtype(dtype, jnp.integer)
+      if integer
+      else (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer))
+    )
     if integer and jnp.issubdtype(dtype, jnp.floating):
       ok = True  # inject_hyperparams(hyperparam_dtype=float) makes floats of ints
     if not ok:
@@ -139,14 +148,14 @@ def _check_mask_spec(name: str, mask: MaskOrFn) -> None:
   for leaf in jax.tree.leaves(mask):
     if not _is_mask_leaf(leaf):
       raise TypeError(
-          f'{name} leaves must be bools, one per parameter array (or per subtree), got'
-          f' {leaf!r}. Per-element masks are not supported.'
+        f'{name} leaves must be bools, one per parameter array (or per subtree), got'
+        f' {leaf!r}. Per-element masks are not supported.'
       )
 
 
 def _is_mask_leaf(x: Any) -> bool:
   return isinstance(x, (bool, np.bool_)) or (
-      _is_scalar_array(x) and jnp.result_type(x) == jnp.bool_
+    _is_scalar_array(x) and jnp.result_type(x) == jnp.bool_
   )
 
 
@@ -154,11 +163,11 @@ def _check_not_masked_by_optax(tree: PyTree, what: str) -> None:
   masked = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
   if any(isinstance(x, optax.MaskedNode) for x in masked):
     raise TypeError(
-        f'The F3EO meta-gradient got {what} with optax.MaskedNode leaves: it is inside'
-        ' optax.masked, optax.multi_transform or optax.partition, which hand it only part'
-        ' of the parameters, so the loss cannot be evaluated. Apply F3EO to the whole'
-        ' tree and restrict the meta term with its own option instead:'
-        ' add_meta_gradient(meta_mask=...) or f3eo(..., meta_mask=...).'
+      f'The F3EO meta-gradient got {what} with optax.MaskedNode leaves: it is inside'
+      ' optax.masked, optax.multi_transform or optax.partition, which hand it only part'
+      ' of the parameters, so the loss cannot be evaluated. Apply F3EO to the whole'
+      ' tree and restrict the meta term with its own option instead:'
+      ' add_meta_gradient(meta_mask=...) or f3eo(..., meta_mask=...).'
     )
 
 
@@ -192,19 +201,19 @@ def _layout(meta_mask: MaskOrFn, params: PyTree, updates: PyTree, projection: st
     if callable(meta_mask):
       if params is None:
         raise ValueError(
-            'A callable meta_mask needs the params: call update(updates, state, params, ...).'
+          'A callable meta_mask needs the params: call update(updates, state, params, ...).'
         )
       meta_mask = meta_mask(params)
       _check_mask_spec('meta_mask (as returned by the callable)', meta_mask)
     try:
       per_leaf = jax.tree.map(
-          lambda m, u: jax.tree.map(lambda _: m, u), meta_mask, updates, is_leaf=_is_mask_leaf
+        lambda m, u: jax.tree.map(lambda _: m, u), meta_mask, updates, is_leaf=_is_mask_leaf
       )
     except (ValueError, TypeError) as e:
       raise ValueError(
-          'meta_mask must be a pytree of bools with the structure of the params (or a'
-          f' prefix of it); got structure {jax.tree.structure(meta_mask)} for params of'
-          f' structure {treedef}.'
+        'meta_mask must be a pytree of bools with the structure of the params (or a'
+        f' prefix of it); got structure {jax.tree.structure(meta_mask)} for params of'
+        f' structure {treedef}.'
       ) from e
     try:
       in_mask = tuple(bool(m) for m in jax.tree.leaves(per_leaf, is_leaf=_is_mask_leaf))
@@ -215,7 +224,7 @@ def _layout(meta_mask: MaskOrFn, params: PyTree, updates: PyTree, projection: st
   if projection == 'global':
     segments = (indices,) if indices else ()
   else:
-    segments = tuple((i,) for i in indices)
+    segments = tuple((i,) for i in indices)  # type: ignore[assignment]
   return _Layout(treedef, active, differentiable, segments)
 
 
@@ -236,21 +245,20 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
 def _stacked(terms: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> jax.Array:
   """Reduces each of several same-shaped arrays over all their axes: a vector of results.
 
-  Separate reductions of the same inputs: XLA fuses them into one loop that reads
-  ``g`` and ``H·g`` once, and on sharded arrays each becomes a scalar all-reduce.
+  Separate reductions, not one variadic ``lax.reduce``: on sharded arrays each becomes a
+  scalar all-reduce (a variadic reduction would gather every device's partial result).
   """
   return jnp.stack([reduce(t) for t in terms])
 
 
-def _real_sums(a: Sequence[tuple[jax.Array, ...]], b: Sequence[tuple[jax.Array, ...]]
-               ) -> jax.Array:
-  """``[Re⟨a_k, b_k⟩ for k]`` of real-part tuples, as one fused reduction."""
-  terms = [sum(x * y for x, y in zip(a_k, b_k)) for a_k, b_k in zip(a, b)]
+def _real_sums(a: Sequence[tuple[jax.Array, ...]], b: Sequence[tuple[jax.Array, ...]]) -> jax.Array:
+  """``[Re⟨a_k, b_k⟩ for k]`` of real-part tuples."""
+  terms = [functools.reduce(jnp.add, [x * y for x, y in zip(a_k, b_k)]) for a_k, b_k in zip(a, b)]
   return _stacked(terms, jnp.sum)
 
 
 def _max_abs(*xs: jax.Array) -> jax.Array:
-  """``[max |x| per real component for x in xs]`` (same shapes), in one fused reduction."""
+  """``[max |x| per real component for x in xs]`` (arrays of the same shape)."""
   acc = functools.reduce(jnp.promote_types, [_acc_dtype(x) for x in xs])
   terms = []
   for x in xs:
@@ -291,7 +299,7 @@ def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 class _Product(NamedTuple):
-  hg: list[jax.Array | None]  # H·g per leaf (None for leaves without a meta term).
+  hg: list[Any]  # H·g per leaf: arrays on active leaves, None on the others.
   mismatch: jax.Array  # measured relative mismatch, or NaN where not measured.
   finite: jax.Array  # False if a stored product had to be zeroed as non-finite.
 
@@ -302,9 +310,14 @@ def _tangent(layout: _Layout, leaves: Sequence[jax.Array]) -> list[jax.Array]:
 
 
 def _compute_product(
-    layout: _Layout, updates: Sequence[jax.Array], params: PyTree, *,
-    obj_fn: ObjFn | None, hvp_fn: HvpFn | None, axis_name: AxisName | None,
-    check_consistency: ScalarLike | None,
+  layout: _Layout,
+  updates: Sequence[jax.Array],
+  params: PyTree,
+  *,
+  obj_fn: ObjFn | None,
+  hvp_fn: HvpFn | None,
+  axis_name: AxisName | None,
+  check_consistency: ScalarLike | None,
 ) -> _Product:
   """``H·g`` at the params, and the gradient check when ``obj_fn`` is given."""
   tangent = layout.treedef.unflatten(_tangent(layout, updates))
@@ -317,6 +330,7 @@ def _compute_product(
         grad_obj = jax.lax.pmean(grad_obj, axis_name)
       mismatch = _relative_mismatch(layout, jax.tree.leaves(grad_obj), updates)
   else:
+    assert hvp_fn is not None
     hg = hvp_fn(tangent)
     _check_like('hvp_fn', hg, layout, updates)
   if axis_name is not None:
@@ -330,31 +344,39 @@ def _check_like(name: str, tree: PyTree, layout: _Layout, updates: Sequence[jax.
   leaves, treedef = jax.tree.flatten(tree)
   if treedef != layout.treedef:
     raise ValueError(
-        f'{name} returned a pytree of structure {treedef}; expected {layout.treedef}, like'
-        ' the gradients.'
+      f'{name} returned a pytree of structure {treedef}; expected {layout.treedef}, like'
+      ' the gradients.'
     )
   for leaf, u in zip(leaves, updates):
     if jnp.shape(leaf) != jnp.shape(u):
       raise ValueError(
-          f'{name} returned a leaf of shape {jnp.shape(leaf)} where the gradient has shape'
-          f' {jnp.shape(u)}.'
+        f'{name} returned a leaf of shape {jnp.shape(leaf)} where the gradient has shape'
+        f' {jnp.shape(u)}.'
       )
 
 
 def _relative_mismatch(
-    layout: _Layout, grad_obj: Sequence[jax.Array], updates: Sequence[jax.Array]
+  layout: _Layout, grad_obj: Sequence[jax.Array], updates: Sequence[jax.Array]
 ) -> jax.Array:
   """``‖∇obj_fn − g‖ / ‖g‖`` over the differentiable leaves, in float32."""
   pairs = [(o, u) for o, u, d in zip(grad_obj, updates, layout.differentiable) if d]
   if not pairs:
     return jnp.zeros((), jnp.float32)
   scale = _pow2_scale(jnp.max(jnp.concatenate([_max_abs(u) for _, u in pairs])))
-  diff_sq, grad_sq = sum(
-      _real_sums([_real_parts(o - u, scale), _real_parts(u, scale)],
-                 [_real_parts(o - u, scale), _real_parts(u, scale)]) for o, u in pairs)
+  diff_sq, grad_sq = functools.reduce(
+    jnp.add,
+    [
+      _real_sums(
+        [_real_parts(o - u, scale), _real_parts(u, scale)],
+        [_real_parts(o - u, scale), _real_parts(u, scale)],
+      )
+      for o, u in pairs
+    ],
+  )
   mismatch = jnp.where(
-      grad_sq > 0, jnp.sqrt(diff_sq / jnp.where(grad_sq > 0, grad_sq, 1)),
-      jnp.where(diff_sq > 0, jnp.inf, 0.0),
+    grad_sq > 0,
+    jnp.sqrt(diff_sq / jnp.where(grad_sq > 0, grad_sq, 1)),
+    jnp.where(diff_sq > 0, jnp.inf, 0.0),
   )
   return mismatch.astype(jnp.float32)
 
@@ -362,12 +384,15 @@ def _relative_mismatch(
 def _stored(layout: _Layout, buffer: PyTree) -> _Product:
   """The product kept in the state (finite by construction)."""
   leaves = jax.tree.leaves(buffer)
-  return _Product([h if a else None for h, a in zip(leaves, layout.active)],
-                  jnp.full((), jnp.nan, jnp.float32), jnp.ones((), bool))
+  return _Product(
+    [h if a else None for h, a in zip(leaves, layout.active)],
+    jnp.full((), jnp.nan, jnp.float32),
+    jnp.ones((), bool),
+  )
 
 
 def _for_storage(
-    layout: _Layout, product: _Product, buffer: PyTree, rtol: ScalarLike | None
+  layout: _Layout, product: _Product, buffer: PyTree, rtol: ScalarLike | None
 ) -> _Product:
   """The product in the buffer's dtypes, zeroed unless finite and consistent.
 
@@ -376,8 +401,9 @@ def _for_storage(
   """
   old = jax.tree.leaves(buffer)
   hg = [None if h is None else h.astype(b.dtype) for h, b in zip(product.hg, old)]
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(h)) for h in hg if h is not None]
-                             or [jnp.ones((), bool)]))
+  finite = jnp.all(
+    jnp.stack([jnp.all(jnp.isfinite(h)) for h in hg if h is not None] or [jnp.ones((), bool)])
+  )
   keep = finite & ~_mismatched(product.mismatch, rtol)
   hg = [None if h is None else jnp.where(keep, h, jnp.zeros_like(h)) for h in hg]
   return _Product(hg, product.mismatch, finite)
@@ -385,8 +411,9 @@ def _for_storage(
 
 def _buffer_leaves(product: _Product, buffer: PyTree) -> list[jax.Array]:
   """The buffer's leaves: the product where there is one, zeros elsewhere."""
-  return [jnp.zeros_like(b) if h is None else h
-          for h, b in zip(product.hg, jax.tree.leaves(buffer))]
+  return [
+    jnp.zeros_like(b) if h is None else h for h, b in zip(product.hg, jax.tree.leaves(buffer))
+  ]
 
 
 def _mismatched(mismatch: jax.Array, rtol: ScalarLike | None) -> jax.Array:
@@ -412,15 +439,18 @@ class _Sums(NamedTuple):
 
 
 def _leaf_maxima(
-    layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None]
+  layout: _Layout, g: Sequence[jax.Array], hg: Sequence[Any]
 ) -> dict[int, jax.Array]:
   """Pass 1: ``[max |g|, max |H·g|]`` of every active leaf."""
   return {i: _max_abs(g[i], hg[i]) for seg in layout.segments for i in seg}
 
 
 def _segment_sums(
-    layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None],
-    maxima: dict[int, jax.Array], acc: Any,
+  layout: _Layout,
+  g: Sequence[jax.Array],
+  hg: Sequence[Any],
+  maxima: dict[int, jax.Array],
+  acc: Any,
 ) -> list[_Sums]:
   """Pass 2: the three inner products of every segment, on scaled vectors."""
   sums = []
@@ -443,8 +473,11 @@ def _projection_ratios(sums: Sequence[_Sums], orthogonalize: bool) -> list[jax.A
 
 
 def _perp_sums(
-    layout: _Layout, g: Sequence[jax.Array], hg: Sequence[jax.Array | None],
-    sums: Sequence[_Sums], ratios: Sequence[jax.Array],
+  layout: _Layout,
+  g: Sequence[jax.Array],
+  hg: Sequence[Any],
+  sums: Sequence[_Sums],
+  ratios: Sequence[jax.Array],
 ) -> tuple[list[jax.Array], list[jax.Array]]:
   """Pass 3: ``‖ĥ − r·ĝ‖²`` per segment, computed directly (no cancellation).
 
@@ -482,10 +515,17 @@ class _Coefficients(NamedTuple):
 
 
 def _coefficients(
-    sums: Sequence[_Sums], ratios: Sequence[jax.Array], perp: Sequence[jax.Array] | None, *,
-    meta_coef: ScalarLike, meta_clip_norm: ScalarLike | None,
-    meta_max_ratio: ScalarLike | None, usable: jax.Array, consistent: jax.Array, acc: Any,
-    largest: Sequence[float],
+  sums: Sequence[_Sums],
+  ratios: Sequence[jax.Array],
+  perp: Sequence[jax.Array] | None,
+  *,
+  meta_coef: ScalarLike,
+  meta_clip_norm: ScalarLike | None,
+  meta_max_ratio: ScalarLike | None,
+  usable: jax.Array,
+  consistent: jax.Array,
+  acc: Any,
+  largest: Sequence[float],
 ) -> _Coefficients:
   """Scalar algebra: clip, projection, cap and guard, from the segment sums alone.
 
@@ -498,8 +538,11 @@ def _coefficients(
   # ‖H·g‖ in a unit common to all segments: the largest scale's.
   scale_h = jnp.min(jnp.stack([s.scale_h for s in sums]))
   hg_scaled_norm = jnp.sqrt(sum(s.hh * (scale_h / s.scale_h) ** 2 for s in sums))
-  perp_sq = list(perp) if perp is not None else [
-      jnp.maximum(s.hh - r * s.gh, 0) for s, r in zip(sums, ratios)]  # diagnostics only
+  perp_sq = (
+    list(perp)
+    if perp is not None
+    else [jnp.maximum(s.hh - r * s.gh, 0) for s, r in zip(sums, ratios)]
+  )  # diagnostics only
   kappa, uncapped_kappa, capped = [], [], []
   for s, p, r in zip(sums, perp_sq, ratios):
     # s_clip / ŝ_h, written so that neither factor overflows on its own.
@@ -508,8 +551,8 @@ def _coefficients(
       tau = jnp.real(jnp.asarray(meta_clip_norm)).astype(acc)
       valid &= tau > 0
       clip_over_scale = jnp.minimum(
-          clip_over_scale,
-          tau / (jnp.abs(c) * hg_scaled_norm * (s.scale_h / scale_h) + _CLIP_EPS * s.scale_h),
+        clip_over_scale,
+        tau / (jnp.abs(c) * hg_scaled_norm * (s.scale_h / scale_h) + _CLIP_EPS * s.scale_h),
       )
     k = c * clip_over_scale
     uncapped_kappa.append(k)
@@ -541,16 +584,20 @@ def _coefficients(
   applied_norm = jnp.where(ok, capped_norm, 0)
   cap_scale = jnp.where(uncapped_norm > 0, _safe_div(capped_norm, uncapped_norm), 1)
   cap_bound = functools.reduce(jnp.logical_or, capped, jnp.zeros((), bool))
-  return _Coefficients(kappa, list(ratios), ok, finite, applied_norm,
-                       jnp.minimum(cap_scale, 1), ok & cap_bound)
+  return _Coefficients(
+    kappa, list(ratios), ok, finite, applied_norm, jnp.minimum(cap_scale, 1), ok & cap_bound
+  )
 
 
 # ------------------------------------------------------------------- step 5: combine
 
 
 def _combine(
-    layout: _Layout, updates: Sequence[jax.Array], hg: Sequence[jax.Array | None],
-    sums: Sequence[_Sums], coefs: _Coefficients,
+  layout: _Layout,
+  updates: Sequence[jax.Array],
+  hg: Sequence[Any],
+  sums: Sequence[_Sums],
+  coefs: _Coefficients,
 ) -> list[jax.Array]:
   """``e = g + κ·(ŝ_h·H·g − r·ŝ_g·g)`` on active leaves; ``g`` elsewhere or if not ok."""
   out = list(updates)
@@ -558,24 +605,30 @@ def _combine(
     for i in seg:
       u, h = updates[i], hg[i]
       acc = s.gg.dtype
-      meta = k * (h.astype(jnp.promote_types(h.dtype, acc)) * s.scale_h
-                  - r * s.scale_g * u.astype(jnp.promote_types(u.dtype, acc)))
+      meta = k * (
+        h.astype(jnp.promote_types(h.dtype, acc)) * s.scale_h
+        - r * s.scale_g * u.astype(jnp.promote_types(u.dtype, acc))
+      )
       out[i] = jnp.where(coefs.ok, (u + meta).astype(u.dtype), u)
   return out
 
 
 def _diagnostics(
-    sums: Sequence[_Sums], coefs: _Coefficients, product: _Product,
-    previous: MetaGradientDiagnostics, mismatched: jax.Array,
+  sums: Sequence[_Sums],
+  coefs: _Coefficients,
+  product: _Product,
+  previous: MetaGradientDiagnostics,
+  mismatched: jax.Array,
 ) -> MetaGradientDiagnostics:
   """The scalars of this update, in float32; counters carried over and incremented."""
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   if sums:
     scale_g = jnp.min(jnp.stack([s.scale_g for s in sums]))
     scale_h = jnp.min(jnp.stack([s.scale_h for s in sums]))
-    gg = sum(s.gg * (scale_g / s.scale_g) ** 2 for s in sums)
-    gh = sum(s.gh * (scale_g / s.scale_g) * (scale_h / s.scale_h) for s in sums)
-    hh = sum(s.hh * (scale_h / s.scale_h) ** 2 for s in sums)
+    total = lambda terms: functools.reduce(jnp.add, terms)
+    gg = total([s.gg * (scale_g / s.scale_g) ** 2 for s in sums])
+    gh = total([s.gh * (scale_g / s.scale_g) * (scale_h / s.scale_h) for s in sums])
+    hh = total([s.hh * (scale_h / s.scale_h) ** 2 for s in sums])
     grad_sq_norm, g_dot_hg = gg / scale_g**2, gh / (scale_g * scale_h)
     hg_norm, cos = jnp.sqrt(hh) / scale_h, _safe_div(gh, jnp.sqrt(gg * hh))
   else:
@@ -583,42 +636,46 @@ def _diagnostics(
   measured = ~jnp.isnan(product.mismatch)
   count = lambda c, flag: c + flag.astype(jnp.int32)
   return MetaGradientDiagnostics(
-      grad_sq_norm=f32(grad_sq_norm),
-      g_dot_hg=f32(g_dot_hg),
-      hg_norm=f32(hg_norm),
-      meta_norm=f32(coefs.meta_norm),
-      cos_g_hg=f32(cos),
-      cap_scale=f32(coefs.cap_scale),
-      grad_mismatch=jnp.where(measured, product.mismatch, previous.grad_mismatch),
-      cap_count=count(previous.cap_count, coefs.cap_bound),
-      nonfinite_count=count(previous.nonfinite_count, ~coefs.finite),
-      mismatch_count=count(previous.mismatch_count, mismatched),
+    grad_sq_norm=f32(grad_sq_norm),
+    g_dot_hg=f32(g_dot_hg),
+    hg_norm=f32(hg_norm),
+    meta_norm=f32(coefs.meta_norm),
+    cos_g_hg=f32(cos),
+    cap_scale=f32(coefs.cap_scale),
+    grad_mismatch=jnp.where(measured, product.mismatch, previous.grad_mismatch),
+    cap_count=count(previous.cap_count, coefs.cap_bound),
+    nonfinite_count=count(previous.nonfinite_count, ~coefs.finite),
+    mismatch_count=count(previous.mismatch_count, mismatched),
   )
 
 
 def _initial_diagnostics() -> MetaGradientDiagnostics:
   # A separate array per field: a donated state must not hold one buffer twice.
   initial = {'cap_scale': 1.0, 'grad_mismatch': jnp.nan}
-  return MetaGradientDiagnostics(**{
-      name: jnp.full((), initial.get(name, 0), jnp.int32 if name.endswith('_count') else jnp.float32)
+  return MetaGradientDiagnostics(
+    **{
+      name: jnp.full(
+        (), initial.get(name, 0), jnp.int32 if name.endswith('_count') else jnp.float32
+      )
       for name in MetaGradientDiagnostics._fields
-  })
+    }
+  )
 
 
 # ------------------------------------------------------------------- the transform
 
 
 def add_meta_gradient(
-    meta_coef: ScalarLike = 1.0,
-    *,
-    orthogonalize: bool = True,
-    projection: Projection = 'global',
-    meta_clip_norm: ScalarLike | None = None,
-    meta_max_ratio: ScalarLike | None = None,
-    hvp_every: int | jax.Array = 1,
-    meta_mask: MaskOrFn = None,
-    axis_name: AxisName | None = None,
-    check_consistency: ScalarLike | None = 1e-2,
+  meta_coef: ScalarLike = 1.0,
+  *,
+  orthogonalize: bool = True,
+  projection: Projection = 'global',
+  meta_clip_norm: ScalarLike | None = None,
+  meta_max_ratio: ScalarLike | None = None,
+  hvp_every: int | jax.Array = 1,
+  meta_mask: MaskOrFn = None,
+  axis_name: AxisName | None = None,
+  check_consistency: ScalarLike | None = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adds the F3EO meta-gradient ``H·g``, orthogonal to ``g``, to the gradient ``g``.
 
@@ -737,48 +794,58 @@ def add_meta_gradient(
     _layout(meta_mask, params, params, projection)  # fail early on a mask that does not fit
     buffer = optax.tree.zeros_like(params) if keeps_product else None
     return MetaGradientState(
-        step=jnp.zeros((), jnp.int32), hvp=buffer, diagnostics=_initial_diagnostics()
+      step=jnp.zeros((), jnp.int32), hvp=buffer, diagnostics=_initial_diagnostics()
     )
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, hvp_fn=None, refresh_hvp=None,
-                **extra_args):
+  def update_fn(
+    updates, state, params=None, *, obj_fn=None, hvp_fn=None, refresh_hvp=None, **extra_args
+  ):
     del extra_args
     _check_not_masked_by_optax(updates, 'updates')
     if refresh_hvp is not None and not isinstance(refresh_hvp, (bool, np.bool_)):
       raise TypeError(
-          'refresh_hvp must be a Python bool (or None), known when the step is traced; got'
-          f' {refresh_hvp!r}. To schedule refreshes inside one compiled step, use hvp_every'
-          ' alone.'
+        'refresh_hvp must be a Python bool (or None), known when the step is traced; got'
+        f' {refresh_hvp!r}. To schedule refreshes inside one compiled step, use hvp_every'
+        ' alone.'
       )
     if refresh_hvp is not None and not keeps_product:
       raise ValueError(
-          'refresh_hvp needs a stored product: construct the transform with hvp_every > 1.'
+        'refresh_hvp needs a stored product: construct the transform with hvp_every > 1.'
       )
     reuses_only = refresh_hvp is False
     if not reuses_only and (obj_fn is None) == (hvp_fn is None):
       which = 'neither' if obj_fn is None else 'both'
       hint = (
-          ' If you called flax.training.train_state.TrainState.apply_gradients(...,'
-          ' obj_fn=...): it does not pass keywords on to tx.update; use'
-          ' f3eo_jax.flax.apply_gradients(state, grads, obj_fn=...).'
-          if obj_fn is None else ''
+        ' If you called flax.training.train_state.TrainState.apply_gradients(...,'
+        ' obj_fn=...): it does not pass keywords on to tx.update; use'
+        ' f3eo_jax.flax.apply_gradients(state, grads, obj_fn=...).'
+        if obj_fn is None
+        else ''
       )
       raise TypeError(
-          f'add_meta_gradient.update needs exactly one of obj_fn= and hvp_fn=, got {which}. '
-          + _USAGE + hint
+        f'add_meta_gradient.update needs exactly one of obj_fn= and hvp_fn=, got {which}. '
+        + _USAGE
+        + hint
       )
     if obj_fn is not None and params is None:
       raise ValueError(
-          'add_meta_gradient.update got obj_fn but no params; the Hessian is taken at the'
-          ' params: call tx.update(grads, state, params, obj_fn=...).'
+        'add_meta_gradient.update got obj_fn but no params; the Hessian is taken at the'
+        ' params: call tx.update(grads, state, params, obj_fn=...).'
       )
     layout = _layout(meta_mask, params, updates, projection)
     leaves = jax.tree.leaves(updates)
     check = check_consistency if obj_fn is not None else None
 
     def refresh() -> _Product:
-      product = _compute_product(layout, leaves, params, obj_fn=obj_fn, hvp_fn=hvp_fn,
-                                 axis_name=axis_name, check_consistency=check)
+      product = _compute_product(
+        layout,
+        leaves,
+        params,
+        obj_fn=obj_fn,
+        hvp_fn=hvp_fn,
+        axis_name=axis_name,
+        check_consistency=check,
+      )
       return _for_storage(layout, product, state.hvp, check) if keeps_product else product
 
     if not keeps_product or refresh_hvp is True:
@@ -790,18 +857,20 @@ def add_meta_gradient(
       stored = _stored(layout, state.hvp)
       # Both branches return the buffer's leaves, so lax.cond sees one structure.
       leaves_out, mismatch, finite = jax.lax.cond(
-          state.step % every == 0,
-          lambda: (lambda p: (_buffer_leaves(p, state.hvp), p.mismatch, p.finite))(refresh()),
-          lambda: (jax.tree.leaves(state.hvp), stored.mismatch, stored.finite),
+        state.step % every == 0,
+        lambda: (lambda p: (_buffer_leaves(p, state.hvp), p.mismatch, p.finite))(refresh()),
+        lambda: (jax.tree.leaves(state.hvp), stored.mismatch, stored.finite),
       )
-      product = _Product([h if a else None for h, a in zip(leaves_out, layout.active)],
-                         mismatch, finite)
+      product = _Product(
+        [h if a else None for h, a in zip(leaves_out, layout.active)], mismatch, finite
+      )
     mismatched = _mismatched(product.mismatch, check)
 
     if layout.segments:
       g, hg = leaves, product.hg
-      acc = functools.reduce(jnp.promote_types, [_acc_dtype(g[i]) for s in layout.segments
-                                                 for i in s])
+      acc = functools.reduce(
+        jnp.promote_types, [_acc_dtype(g[i]) for s in layout.segments for i in s]
+      )
       sums = _segment_sums(layout, g, hg, _leaf_maxima(layout, g, hg), acc)
       ratios = _projection_ratios(sums, orthogonalize)
       needs_perp = meta_max_ratio is not None and orthogonalize
@@ -809,10 +878,16 @@ def add_meta_gradient(
       if needs_perp:
         perp, ratios = _perp_sums(layout, g, hg, sums, ratios)
       coefs = _coefficients(
-          sums, ratios, perp, meta_coef=meta_coef, meta_clip_norm=meta_clip_norm,
-          meta_max_ratio=meta_max_ratio, usable=product.finite, consistent=~mismatched,
-          acc=acc, largest=[min(float(jnp.finfo(g[i].dtype).max) for i in seg)
-                            for seg in layout.segments],
+        sums,
+        ratios,
+        perp,
+        meta_coef=meta_coef,
+        meta_clip_norm=meta_clip_norm,
+        meta_max_ratio=meta_max_ratio,
+        usable=product.finite,
+        consistent=~mismatched,
+        acc=acc,
+        largest=[min(float(jnp.finfo(g[i].dtype).max) for i in seg) for seg in layout.segments],
       )
       new_leaves = _combine(layout, leaves, hg, sums, coefs)
     else:  # no leaf gets a meta term
@@ -822,10 +897,9 @@ def add_meta_gradient(
 
     stores = keeps_product and refresh_hvp is not False
     new_state = MetaGradientState(
-        step=optax.safe_int32_increment(state.step),
-        hvp=(layout.treedef.unflatten(_buffer_leaves(product, state.hvp)) if stores
-             else state.hvp),
-        diagnostics=_diagnostics(sums, coefs, product, state.diagnostics, mismatched),
+      step=optax.safe_int32_increment(state.step),
+      hvp=(layout.treedef.unflatten(_buffer_leaves(product, state.hvp)) if stores else state.hvp),
+      diagnostics=_diagnostics(sums, coefs, product, state.diagnostics, mismatched),
     )
     return layout.treedef.unflatten(new_leaves), new_state
 
@@ -838,17 +912,17 @@ def add_meta_gradient(
 class ScaleByAmsgradState(NamedTuple):
   """State of :func:`scale_by_amsgrad_torch`."""
 
-  count: jax.Array  # int32 scalar: steps taken.
+  count: jax.Array  # type: ignore[assignment]  # int32 scalar: steps taken (as Adam's).
   mu: optax.Updates  # first moment, like the params (dtype mu_dtype if given).
   nu: optax.Updates  # second moment, like the params.
   nu_max: optax.Updates  # running maximum of the raw (not bias-corrected) nu.
 
 
 def scale_by_amsgrad_torch(
-    b1: ScalarLike = 0.9,
-    b2: ScalarLike = 0.999,
-    eps: ScalarLike = 1e-8,
-    mu_dtype: Any | None = None,
+  b1: ScalarLike = 0.9,
+  b2: ScalarLike = 0.999,
+  eps: ScalarLike = 1e-8,
+  mu_dtype: Any | None = None,
 ) -> optax.GradientTransformation:
   """AMSGrad as ``torch.optim.Adam(W)(amsgrad=True)`` computes it.
 
@@ -880,10 +954,10 @@ def scale_by_amsgrad_torch(
   def init_fn(params):
     # Three separate trees: donating a state whose moments share one buffer fails.
     return ScaleByAmsgradState(
-        count=jnp.zeros((), jnp.int32),
-        mu=optax.tree.zeros_like(params, dtype=mu_dtype),
-        nu=optax.tree.zeros_like(params),
-        nu_max=optax.tree.zeros_like(params),
+      count=jnp.zeros((), jnp.int32),
+      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+      nu=optax.tree.zeros_like(params),
+      nu_max=optax.tree.zeros_like(params),
     )
 
   def update_fn(updates, state, params=None):
@@ -896,10 +970,9 @@ def scale_by_amsgrad_torch(
     bc1 = 1 - jnp.asarray(b1) ** count
     bc2 = 1 - jnp.asarray(b2) ** count
     new_updates = jax.tree.map(
-        lambda m, v: (m / bc1.astype(m.dtype)) / (
-            jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + eps),
-        mu,
-        nu_max,
+      lambda m, v: (m / bc1.astype(m.dtype)) / (jnp.sqrt(v) / jnp.sqrt(bc2).astype(v.dtype) + eps),
+      mu,
+      nu_max,
     )
     new_updates = optax.tree.cast_like(new_updates, updates)
     mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else mu
@@ -918,9 +991,9 @@ def _unwrap(x: Any) -> Any:
 
 def _meta_states(opt_state: PyTree) -> list[MetaGradientState]:
   return [
-      node
-      for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MetaGradientState))
-      if isinstance(node, MetaGradientState)
+    node
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, MetaGradientState))
+    if isinstance(node, MetaGradientState)
   ]
 
 
@@ -949,8 +1022,8 @@ def diagnostics(opt_state: PyTree) -> dict[str, jax.Array]:
   found = _meta_states(opt_state)
   if len(found) != 1:
     raise ValueError(
-        f'diagnostics expects exactly one MetaGradientState in the optimizer state, found'
-        f' {len(found)}. Pass the part of the state that holds the F3EO transform.'
+      f'diagnostics expects exactly one MetaGradientState in the optimizer state, found'
+      f' {len(found)}. Pass the part of the state that holds the F3EO transform.'
     )
   return {k: _unwrap(v) for k, v in found[0].diagnostics._asdict().items()}
 
@@ -991,7 +1064,7 @@ def raise_on_mismatch(opt_state: PyTree) -> None:
     if count > 0:
       last = np.asarray(jax.device_get(_unwrap(state.diagnostics.grad_mismatch)))
       raise GradientMismatchError(
-          f'{count} update(s) dropped the F3EO meta term because the gradient of obj_fn'
-          f' differed from the gradients passed to update (last relative mismatch'
-          f' {float(np.max(last)):.3g}, above check_consistency). ' + _MISMATCH_CAUSES
+        f'{count} update(s) dropped the F3EO meta term because the gradient of obj_fn'
+        f' differed from the gradients passed to update (last relative mismatch'
+        f' {float(np.max(last)):.3g}, above check_consistency). ' + _MISMATCH_CAUSES
       )

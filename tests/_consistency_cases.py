@@ -28,17 +28,17 @@ NUM_DEVICES = 4
 def _xla_flags() -> str:
   # Simulated devices; the backend flags only cut CPU compile time (same HLO, same math).
   flags = [
-      f'--xla_force_host_platform_device_count={NUM_DEVICES}',
-      '--xla_backend_optimization_level=0',
-      '--xla_llvm_disable_expensive_passes=true',
+    f'--xla_force_host_platform_device_count={NUM_DEVICES}',
+    '--xla_backend_optimization_level=0',
+    '--xla_llvm_disable_expensive_passes=true',
   ]
   jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
   if jaxlib >= (0, 9):
     # A deadlocked collective fails within 2 min, before the test's 5 min bound; a busy
     # host can starve a device thread past the 40 s rendezvous default.
     flags += [
-        '--xla_cpu_collective_call_terminate_timeout_seconds=120',
-        '--xla_cpu_collective_timeout_seconds=120',
+      '--xla_cpu_collective_call_terminate_timeout_seconds=120',
+      '--xla_cpu_collective_timeout_seconds=120',
     ]
   return ' '.join(flags)
 
@@ -69,7 +69,7 @@ def vma_step(tx, params, opt_state, x, y, obj_x, obj_y):
   n = jax.lax.axis_size(AXIS)
   grads = jax.grad(lambda p: loss_fn(p, x, y) / n)(params)
   updates, opt_state = tx.update(
-      grads, opt_state, params, obj_fn=lambda p: loss_fn(p, obj_x, obj_y) / n
+    grads, opt_state, params, obj_fn=lambda p: loss_fn(p, obj_x, obj_y) / n
   )
   return optax.apply_updates(params, updates), opt_state
 
@@ -78,7 +78,7 @@ def local_grad_step(tx, params, opt_state, x, y, obj_x, obj_y):
   """shard_map(check_vma=False) or pmap: local gradients, averaged by the caller."""
   grads = jax.lax.pmean(jax.grad(loss_fn)(params, x, y), AXIS)
   updates, opt_state = tx.update(  # tx has axis_name
-      grads, opt_state, params, obj_fn=lambda p: loss_fn(p, obj_x, obj_y)
+    grads, opt_state, params, obj_fn=lambda p: loss_fn(p, obj_x, obj_y)
   )
   return optax.apply_updates(params, updates), opt_state
 
@@ -134,21 +134,21 @@ class Mode:
     body = functools.partial(vma_step if self.name == 'shard_map_vma' else local_grad_step, tx)
     if self.name == 'pmap':
       return jax.pmap(
-          with_device_copies(body),
-          axis_name=AXIS,
-          in_axes=(None, None, 0, 0, 0, 0),
-          out_axes=(None, None, 0),
-          donate_argnums=(0, 1),
+        with_device_copies(body),
+        axis_name=AXIS,
+        in_axes=(None, None, 0, 0, 0, 0),
+        out_axes=(None, None, 0),
+        donate_argnums=(0, 1),
       )
     return jax.jit(
-        jax.shard_map(
-            with_device_copies(body),
-            mesh=self.mesh,
-            check_vma=self.name == 'shard_map_vma',
-            in_specs=(P(), P()) + (P(AXIS),) * 4,
-            out_specs=(P(), P(), P(AXIS)),
-        ),
-        donate_argnums=(0, 1),
+      jax.shard_map(
+        with_device_copies(body),
+        mesh=self.mesh,
+        check_vma=self.name == 'shard_map_vma',
+        in_specs=(P(), P()) + (P(AXIS),) * 4,
+        out_specs=(P(), P(), P(AXIS)),
+      ),
+      donate_argnums=(0, 1),
     )
 
 
@@ -178,10 +178,10 @@ def run_case(mode: Mode, tx, params, batch, other_batch) -> dict:
   for _ in range(problem.NUM_STEPS):
     p, opt_state, copies = jax.block_until_ready(train_step(p, opt_state, x, y, x, y))
   out = {
-      'params': problem.to_lists(p),
-      'diagnostics': problem.diagnostics_to_host(opt_state),
-      'raised': problem.raised(opt_state),
-      'devices_agree': agree(copies),
+    'params': problem.to_lists(p),
+    'diagnostics': problem.diagnostics_to_host(opt_state),
+    'raised': problem.raised(opt_state),
+    'devices_agree': agree(copies),
   }
   p, opt_state = start()
   for _ in range(problem.MISMATCH_AFTER):
@@ -190,45 +190,45 @@ def run_case(mode: Mode, tx, params, batch, other_batch) -> dict:
   donated = problem.donated_buffers(p, opt_state)
   p, opt_state, copies = jax.block_until_ready(train_step(p, opt_state, x, y, x_other, y_other))
   out |= {
-      'donated_deleted': all(a.is_deleted() for a in donated),
-      'params_after': problem.to_lists(p),
-      'param_specs_after': {k: problem.spec_of(v) for k, v in p.items()},
-      'diagnostics_after': problem.diagnostics_to_host(opt_state),
-      'raised_after': problem.raised(opt_state),
-      'devices_agree_after': agree(copies),
+    'donated_deleted': all(a.is_deleted() for a in donated),
+    'params_after': problem.to_lists(p),
+    'param_specs_after': {k: problem.spec_of(v) for k, v in p.items()},
+    'diagnostics_after': problem.diagnostics_to_host(opt_state),
+    'raised_after': problem.raised(opt_state),
+    'devices_agree_after': agree(copies),
   }
   p, opt_state, _ = jax.block_until_ready(train_step(p, opt_state, x, y, x, y))  # usable
   out |= {
-      'params_next': problem.to_lists(p),
-      'diagnostics_next': problem.diagnostics_to_host(opt_state),
+    'params_next': problem.to_lists(p),
+    'diagnostics_next': problem.diagnostics_to_host(opt_state),
   }
   if mode.local:
     # Only the first device's slice of obj_fn's batch is wrong: every device must still
     # drop the meta term, or the replicas would silently part.
     per_device = batch[0].shape[0] // NUM_DEVICES
     mixed = mode.place_batch(
-        tuple(np.concatenate([o[:per_device], b[per_device:]]) for o, b in zip(other_batch, batch))
+      tuple(np.concatenate([o[:per_device], b[per_device:]]) for o, b in zip(other_batch, batch))
     )
     p, opt_state = start()
     for _ in range(problem.MISMATCH_AFTER):
       p, opt_state, _ = jax.block_until_ready(train_step(p, opt_state, x, y, x, y))
     p, opt_state, copies = jax.block_until_ready(train_step(p, opt_state, x, y, *mixed))
     out['partly_wrong'] = {
-        'params_after': problem.to_lists(p),
-        'diagnostics_after': problem.diagnostics_to_host(opt_state),
-        'raised_after': problem.raised(opt_state),
-        'devices_agree_after': agree(copies),
+      'params_after': problem.to_lists(p),
+      'diagnostics_after': problem.diagnostics_to_host(opt_state),
+      'raised_after': problem.raised(opt_state),
+      'devices_agree_after': agree(copies),
     }
   return out
 
 
 MODES = (
-    'jit_one_device',
-    'jit_data_parallel',
-    'jit_fsdp',
-    'shard_map_vma',
-    'shard_map_local_grads',
-    'pmap',
+  'jit_one_device',
+  'jit_data_parallel',
+  'jit_fsdp',
+  'shard_map_vma',
+  'shard_map_local_grads',
+  'pmap',
 )
 # One device runs every optimizer; the multi-device modes the two whose consistency
 # check runs differently (directly, and inside hvp_every's lax.cond).

@@ -66,10 +66,10 @@ def make_problem() -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray
   d_in, d_hidden, d_out = WIDTHS
   f32 = lambda a: np.asarray(a, np.float32)
   params = {
-      'w1': f32(0.5 * rng.normal(size=(d_in, d_hidden))),
-      'b1': f32(0.1 * rng.normal(size=(d_hidden,))),
-      'w2': f32(0.5 * rng.normal(size=(d_hidden, d_out))),
-      'b2': np.zeros((d_out,), np.float32),
+    'w1': f32(0.5 * rng.normal(size=(d_in, d_hidden))),
+    'b1': f32(0.1 * rng.normal(size=(d_hidden,))),
+    'w2': f32(0.5 * rng.normal(size=(d_hidden, d_out))),
+    'b2': np.zeros((d_out,), np.float32),
   }
   x, x_other = (f32(rng.normal(size=(GLOBAL_BATCH, d_in))) for _ in range(2))
   y, y_other = (rng.integers(0, d_out, size=(GLOBAL_BATCH,)).astype(np.int32) for _ in range(2))
@@ -85,12 +85,12 @@ def optimizers(axis_name=None) -> dict[str, optax.GradientTransformationExtraArg
   ``axis_name`` only where gradients are local (``shard_map(check_vma=False)``, ``pmap``).
   """
   return {
-      'f3eo': f3eo_jax.f3eo(LEARNING_RATE, weight_decay=WEIGHT_DECAY, axis_name=axis_name),
-      # lax.cond and the stored H·g, sharded like the params under FSDP.
-      'f3eo_hvp_every_2': f3eo_jax.f3eo(
-          LEARNING_RATE, weight_decay=WEIGHT_DECAY, hvp_every=2, axis_name=axis_name
-      ),
-      'f3eo_reference': f3eo_jax.f3eo_reference(LEARNING_RATE, axis_name=axis_name),
+    'f3eo': f3eo_jax.f3eo(LEARNING_RATE, weight_decay=WEIGHT_DECAY, axis_name=axis_name),
+    # lax.cond and the stored H·g, sharded like the params under FSDP.
+    'f3eo_hvp_every_2': f3eo_jax.f3eo(
+      LEARNING_RATE, weight_decay=WEIGHT_DECAY, hvp_every=2, axis_name=axis_name
+    ),
+    'f3eo_reference': f3eo_jax.f3eo_reference(LEARNING_RATE, axis_name=axis_name),
   }
 
 
@@ -161,16 +161,16 @@ def single_device_runs() -> dict:
     wrong_params, wrong_state = run_step(p_k, state_k, x, y, x_other, y_other)
     next_params, next_state = run_step(wrong_params, wrong_state, x, y, x, y)
     out[name] = to_host(
-        {
-            'params': p,
-            'diagnostics': diagnostics_to_host(opt_state),
-            'adamw_on_g': adamw_on_g_step(name, p_k, state_k, x, y),
-            'correct_step': trajectory[MISMATCH_AFTER + 1][0],
-            'wrong_step': wrong_params,
-            'wrong_step_diagnostics': diagnostics_to_host(wrong_state),
-            'next_step': next_params,
-            'next_step_diagnostics': diagnostics_to_host(next_state),
-        }
+      {
+        'params': p,
+        'diagnostics': diagnostics_to_host(opt_state),
+        'adamw_on_g': adamw_on_g_step(name, p_k, state_k, x, y),
+        'correct_step': trajectory[MISMATCH_AFTER + 1][0],
+        'wrong_step': wrong_params,
+        'wrong_step_diagnostics': diagnostics_to_host(wrong_state),
+        'next_step': next_params,
+        'next_step_diagnostics': diagnostics_to_host(next_state),
+      }
     )
   return out
 
@@ -218,12 +218,12 @@ def start(command: list[str], log: pathlib.Path, **kwargs) -> subprocess.Popen:
   """Starts ``command`` in a session (process group) of its own, output to ``log``."""
   with open(log, 'wb') as out:
     return subprocess.Popen(
-        command,
-        stdin=subprocess.DEVNULL,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **kwargs,
+      command,
+      stdin=subprocess.DEVNULL,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+      **kwargs,
     )
 
 
@@ -337,7 +337,7 @@ def check_correct_run(run: dict, reference: dict) -> None:
   assert max_abs_diff(run['params'], reference['params']) < PARAM_TOL
   for key in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm'):
     np.testing.assert_allclose(
-        run['diagnostics'][key], reference['diagnostics'][key], rtol=DIAG_RTOL, err_msg=key
+      run['diagnostics'][key], reference['diagnostics'][key], rtol=DIAG_RTOL, err_msg=key
     )
 
 
@@ -354,7 +354,7 @@ def check_wrong_obj_fn_run(run: dict, reference: dict) -> None:
   assert d['mismatch_count'] == 1
   assert d['grad_mismatch'] > CHECK_RTOL
   np.testing.assert_allclose(
-      d['grad_mismatch'], reference['wrong_step_diagnostics']['grad_mismatch'], rtol=DIAG_RTOL
+    d['grad_mismatch'], reference['wrong_step_diagnostics']['grad_mismatch'], rtol=DIAG_RTOL
   )
   assert d['meta_norm'] == 0
   # raise_on_mismatch raised GradientMismatchError, which the worker caught
@@ -367,7 +367,7 @@ def check_wrong_obj_fn_run(run: dict, reference: dict) -> None:
   assert max_abs_diff(run['params_next'], reference['next_step']) < PARAM_TOL
   assert run['diagnostics_next']['mismatch_count'] == 1  # the count is kept
   np.testing.assert_allclose(
-      run['diagnostics_next']['meta_norm'],
-      reference['next_step_diagnostics']['meta_norm'],
-      rtol=DIAG_RTOL,
+    run['diagnostics_next']['meta_norm'],
+    reference['next_step_diagnostics']['meta_norm'],
+    rtol=DIAG_RTOL,
   )

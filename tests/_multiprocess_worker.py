@@ -63,7 +63,7 @@ def pin_gloo_to_loopback() -> str:
     address = socket.gethostbyname(socket.gethostname())
     if not address.startswith('127.'):
       raise RuntimeError(
-          f'cannot pin Gloo to loopback in this JAX, and the hostname resolves to {address}'
+        f'cannot pin Gloo to loopback in this JAX, and the hostname resolves to {address}'
       ) from None
     return f'hostname resolves to {address}'
   xla_bridge._jax.make_gloo_tcp_collectives = functools.partial(factory, hostname='127.0.0.1')
@@ -77,14 +77,14 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> str:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # the default since JAX 0.5
   gloo = pin_gloo_to_loopback() if coordinator.startswith('127.') else 'default'
   jax.distributed.initialize(
-      coordinator_address=coordinator,
-      coordinator_bind_address=coordinator,  # JAX's default binds every interface
-      num_processes=num_processes,
-      process_id=process_id,
-      # A peer that died is noticed within seconds, not after JAX's 100 s default.
-      initialization_timeout=60,
-      heartbeat_timeout_seconds=10,
-      shutdown_timeout_seconds=30,
+    coordinator_address=coordinator,
+    coordinator_bind_address=coordinator,  # JAX's default binds every interface
+    num_processes=num_processes,
+    process_id=process_id,
+    # A peer that died is noticed within seconds, not after JAX's 100 s default.
+    initialization_timeout=60,
+    heartbeat_timeout_seconds=10,
+    shutdown_timeout_seconds=30,
   )
   return gloo
 
@@ -129,13 +129,13 @@ def run_case(mesh, layout, tx, params, batch, other_batch) -> dict:
   for _ in range(problem.NUM_STEPS):
     p, opt_state = train_step(p, opt_state, x, y, x, y)
   out = {
-      'params': gather(p),
-      'diagnostics': problem.diagnostics_to_host(opt_state),
-      'raised': problem.raised(opt_state),
-      'param_specs': {k: problem.spec_of(v) for k, v in p.items()},
-      'state_specs_w1': sorted(
-          {problem.spec_of(a) for a in jax.tree.leaves(opt_state) if a.shape == problem.WIDTHS[:2]}
-      ),
+    'params': gather(p),
+    'diagnostics': problem.diagnostics_to_host(opt_state),
+    'raised': problem.raised(opt_state),
+    'param_specs': {k: problem.spec_of(v) for k, v in p.items()},
+    'state_specs_w1': sorted(
+      {problem.spec_of(a) for a in jax.tree.leaves(opt_state) if a.shape == problem.WIDTHS[:2]}
+    ),
   }
   p, opt_state = start()
   for _ in range(problem.MISMATCH_AFTER):
@@ -144,11 +144,11 @@ def run_case(mesh, layout, tx, params, batch, other_batch) -> dict:
   donated = problem.donated_buffers(p, opt_state)
   p, opt_state = train_step(p, opt_state, x, y, *other_batch)
   out |= {
-      'donated_deleted': all(a.is_deleted() for a in donated),
-      'params_after': gather(p),
-      'diagnostics_after': problem.diagnostics_to_host(opt_state),
-      'param_specs_after': {k: problem.spec_of(v) for k, v in p.items()},
-      'raised_after': problem.raised(opt_state),
+    'donated_deleted': all(a.is_deleted() for a in donated),
+    'params_after': gather(p),
+    'diagnostics_after': problem.diagnostics_to_host(opt_state),
+    'param_specs_after': {k: problem.spec_of(v) for k, v in p.items()},
+    'raised_after': problem.raised(opt_state),
   }
   p, opt_state = train_step(p, opt_state, x, y, x, y)  # the outputs are usable
   out |= {'params_next': gather(p), 'diagnostics_next': problem.diagnostics_to_host(opt_state)}
@@ -160,12 +160,12 @@ def main(coordinator: str, num_processes: int, process_id: int, out_path: str) -
   gloo = initialize(coordinator, num_processes, process_id)
   try:
     results = {
-        'process_index': jax.process_index(),
-        'process_count': jax.process_count(),
-        'device_count': jax.device_count(),
-        'local_device_count': jax.local_device_count(),
-        'gloo': gloo,
-        'jax_version': jax.__version__,
+      'process_index': jax.process_index(),
+      'process_count': jax.process_count(),
+      'device_count': jax.device_count(),
+      'local_device_count': jax.local_device_count(),
+      'gloo': gloo,
+      'jax_version': jax.__version__,
     }
     mesh = jax.make_mesh((jax.device_count(),), (problem.AXIS,), axis_types=(AxisType.Auto,))
     results['mesh_processes'] = [d.process_index for d in mesh.devices.flat]
@@ -175,8 +175,8 @@ def main(coordinator: str, num_processes: int, process_id: int, out_path: str) -
     results['local_batch_rows'] = rows.tolist()
     # Each process feeds only its share of the global batch.
     x, y, x_other, y_other = (
-        jax.make_array_from_process_local_data(batch_sharding, a[rows])
-        for a in (x, y, x_other, y_other)
+      jax.make_array_from_process_local_data(batch_sharding, a[rows])
+      for a in (x, y, x_other, y_other)
     )
     for layout in problem.LAYOUTS:
       results[layout] = {}

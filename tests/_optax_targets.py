@@ -26,8 +26,8 @@ NUM_STEPS = 10_000
 def meta_adam(learning_rate, meta_coef=1.0, b1=0.9, b2=0.999, eps=1e-8, mu_dtype=None):
   """``add_meta_gradient`` (the uncapped theory rule) chained with ``optax.adam``."""
   return optax.chain(
-      f3eo_jax.add_meta_gradient(meta_coef),
-      optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
+    f3eo_jax.add_meta_gradient(meta_coef),
+    optax.adam(learning_rate, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype),
   )
 
 
@@ -37,11 +37,11 @@ def meta_adam(learning_rate, meta_coef=1.0, b1=0.9, b2=0.999, eps=1e-8, mu_dtype
 # 0.21), at 2e-3 they reach it. PyTorch's AMSGrad keeps the largest second moment and
 # moves slower: it falls short at 3e-3 (error 0.24) and reaches it at 1e-2.
 OPTIMIZERS = {
-    'f3eo': (f3eo_jax.f3eo, {'learning_rate': 2e-3}),
-    'f3eo_uncapped': (f3eo_jax.f3eo, {'learning_rate': 2e-3, 'meta_max_ratio': None}),
-    'f3eo_reference': (f3eo_jax.f3eo_reference, {'learning_rate': 2e-3}),
-    'f3eo_reference_amsgrad': (f3eo_jax.f3eo_reference, {'learning_rate': 1e-2, 'amsgrad': True}),
-    'add_meta_gradient_adam': (meta_adam, {'learning_rate': 2e-3}),
+  'f3eo': (f3eo_jax.f3eo, {'learning_rate': 2e-3}),
+  'f3eo_uncapped': (f3eo_jax.f3eo, {'learning_rate': 2e-3, 'meta_max_ratio': None}),
+  'f3eo_reference': (f3eo_jax.f3eo_reference, {'learning_rate': 2e-3}),
+  'f3eo_reference_amsgrad': (f3eo_jax.f3eo_reference, {'learning_rate': 1e-2, 'amsgrad': True}),
+  'add_meta_gradient_adam': (meta_adam, {'learning_rate': 2e-3}),
 }
 UNCAPPED = ('f3eo_uncapped', 'add_meta_gradient_adam')  # the exact theory rule, no cap
 
@@ -104,10 +104,10 @@ def runs(optimizer: str) -> dict[tuple[str, str], Run]:
 
   final_carry, records = optimize(tuple(initial for initial, _, _ in problems))
   return {
-      case: Run(np.asarray(params), np.asarray(final), np.asarray(losses), np.asarray(ratios))
-      for case, (params, _), (_, final, _), (losses, ratios) in zip(
-          CASES, final_carry, problems, records
-      )
+    case: Run(np.asarray(params), np.asarray(final), np.asarray(losses), np.asarray(ratios))
+    for case, (params, _), (_, final, _), (losses, ratios) in zip(
+      CASES, final_carry, problems, records
+    )
   }
 
 

@@ -48,10 +48,10 @@ def loss_fn(params, x, y):
 def make_problem():
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
   params = {
-      'w1': 0.5 * jax.random.normal(k1, W1_SHAPE),
-      'b1': 0.1 * jax.random.normal(k5, (32,)),
-      'w2': 0.5 * jax.random.normal(k2, (32, 8)),
-      'b2': jnp.zeros((8,)),
+    'w1': 0.5 * jax.random.normal(k1, W1_SHAPE),
+    'b1': 0.1 * jax.random.normal(k5, (32,)),
+    'w2': 0.5 * jax.random.normal(k2, (32, 8)),
+    'b2': jnp.zeros((8,)),
   }
   x = jax.random.normal(k3, (64, 16))
   y = jax.random.randint(k4, (64,), 0, 8)
@@ -61,17 +61,17 @@ def make_problem():
 def optimizers(axis_name=None):
   """Every optimizer under test; axis_name only where gradients are local."""
   return {
-      'f3eo': f3eo_jax.f3eo(1e-2, weight_decay=1e-3, axis_name=axis_name),
-      'f3eo_reference': f3eo_jax.f3eo_reference(1e-2, axis_name=axis_name),
-      # lax.cond, the H·g buffer in the state, clipping and the consistency check.
-      'f3eo_hvp_every_2': f3eo_jax.f3eo(
-          1e-2,
-          hvp_every=2,
-          meta_clip_norm=1.0,
-          projection='per_leaf',
-          check_consistency=1e-3,
-          axis_name=axis_name,
-      ),
+    'f3eo': f3eo_jax.f3eo(1e-2, weight_decay=1e-3, axis_name=axis_name),
+    'f3eo_reference': f3eo_jax.f3eo_reference(1e-2, axis_name=axis_name),
+    # lax.cond, the H·g buffer in the state, clipping and the consistency check.
+    'f3eo_hvp_every_2': f3eo_jax.f3eo(
+      1e-2,
+      hvp_every=2,
+      meta_clip_norm=1.0,
+      projection='per_leaf',
+      check_consistency=1e-3,
+      axis_name=axis_name,
+    ),
   }
 
 
@@ -128,8 +128,8 @@ def train(step_fn, params, state, x, y):
 
 def max_abs_diff(a, b) -> float:
   return max(
-      float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
-      for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
   )
 
 
@@ -138,13 +138,13 @@ def compare(params, state, reference) -> dict:
   ref_params, ref_state, initial = reference
   d, rd = f3eo_jax.diagnostics(state), f3eo_jax.diagnostics(ref_state)
   return {
-      'param_err': max_abs_diff(params, ref_params),
-      'diag_rel_err': max(
-          abs(float(d[k]) - float(rd[k])) / max(abs(float(rd[k])), 1e-6)
-          for k in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm')
-      ),
-      'param_moved': max_abs_diff(ref_params, initial),
-      'grad_mismatch': float(d['grad_mismatch']),
+    'param_err': max_abs_diff(params, ref_params),
+    'diag_rel_err': max(
+      abs(float(d[k]) - float(rd[k])) / max(abs(float(rd[k])), 1e-6)
+      for k in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm')
+    ),
+    'param_moved': max_abs_diff(ref_params, initial),
+    'grad_mismatch': float(d['grad_mismatch']),
   }
 
 
@@ -176,10 +176,10 @@ def main(out_path: str) -> None:
   assert jax.device_count() == NUM_DEVICES, jax.devices()
   params, x, y = make_problem()
   results: dict = {
-      'jax_version': jax.__version__,
-      'param_sizes': sorted((int(p.size) for p in jax.tree.leaves(params)), reverse=True),
-      'hlo': {},
-      'cpu_seconds': {},
+    'jax_version': jax.__version__,
+    'param_sizes': sorted((int(p.size) for p in jax.tree.leaves(params)), reverse=True),
+    'hlo': {},
+    'cpu_seconds': {},
   }
   hlo = results['hlo']
 
@@ -195,9 +195,9 @@ def main(out_path: str) -> None:
 
   def hvp_errors(g, hg):
     return {
-        'grad_err': float(jnp.max(jnp.abs(ravel_pytree(g)[0] - dense_g))),
-        'hg_err': float(jnp.max(jnp.abs(ravel_pytree(hg)[0] - dense_hg))),
-        'hg_scale': float(jnp.max(jnp.abs(dense_hg))),
+      'grad_err': float(jnp.max(jnp.abs(ravel_pytree(g)[0] - dense_g))),
+      'hg_err': float(jnp.max(jnp.abs(ravel_pytree(hg)[0] - dense_hg))),
+      'hg_scale': float(jnp.max(jnp.abs(dense_hg))),
     }
 
   # Single device: the run every layout is compared with.
@@ -214,42 +214,44 @@ def main(out_path: str) -> None:
 
   # (a) jit + NamedSharding: batch over 'data', params replicated; (b) FSDP.
   layouts = {
-      'jit_data_parallel': shard(params, P()),
-      'jit_fsdp': {k: shard(v, FSDP_SPECS[k]) for k, v in params.items()},
+    'jit_data_parallel': shard(params, P()),
+    'jit_fsdp': {k: shard(v, FSDP_SPECS[k]) for k, v in params.items()},
   }
   for layout, p_in in layouts.items():
     cases = results[layout] = {}
     for name, tx in txs.items():
       state = tx.init(p_in)  # eager: zeros_like keeps each leaf's sharding
       compiled = (
-          jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y))
-          .lower(p_in, state, xs, ys)
-          .compile()
+        jax.jit(lambda p, s, x, y, tx=tx: global_step(tx, p, s, x, y))
+        .lower(p_in, state, xs, ys)
+        .compile()
       )
       out_params, out_state = train(compiled, p_in, state, xs, ys)
       cases[name] = compare(out_params, out_state, reference[name]) | {
-          'in_specs': {k: spec_of(v) for k, v in p_in.items()},
-          'out_specs': {k: spec_of(v) for k, v in out_params.items()},
-          'state_specs_w1': w1_like_specs(out_state),
+        'in_specs': {k: spec_of(v) for k, v in p_in.items()},
+        'out_specs': {k: spec_of(v) for k, v in out_params.items()},
+        'state_specs_w1': w1_like_specs(out_state),
       }
       if name == 'f3eo':
         hlo[f'{layout}_f3eo'] = xla_utils.collectives(compiled.as_text())
     hlo[f'{layout}_adamw'] = xla_utils.collectives(
-        jax.jit(adamw_step).lower(p_in, optax.adamw(1e-2).init(p_in), xs, ys).compile().as_text()
+      jax.jit(adamw_step).lower(p_in, optax.adamw(1e-2).init(p_in), xs, ys).compile().as_text()
     )
     # The gradient check compares obj_fn's gradient with g: what it costs on its own.
     unchecked = f3eo_jax.f3eo(1e-2, weight_decay=1e-3, check_consistency=None)
     hlo[f'{layout}_f3eo_unchecked'] = xla_utils.collectives(
-        jax.jit(lambda p, s, x, y: global_step(unchecked, p, s, x, y))
-        .lower(p_in, unchecked.init(p_in), xs, ys).compile().as_text()
+      jax.jit(lambda p, s, x, y, tx=unchecked: global_step(tx, p, s, x, y))
+      .lower(p_in, unchecked.init(p_in), xs, ys)
+      .compile()
+      .as_text()
     )
     tick(layout)
   hlo['jit_fsdp_grad_and_hvp'] = xla_utils.collectives(
-      jax.jit(grad_and_hvp_step).lower(layouts['jit_fsdp'], xs, ys).compile().as_text()
+    jax.jit(grad_and_hvp_step).lower(layouts['jit_fsdp'], xs, ys).compile().as_text()
   )
   g = jax.jit(jax.grad(loss_fn))(layouts['jit_data_parallel'], xs, ys)
   hg = jax.jit(lambda p, v: f3eo_jax.hvp(lambda q: loss_fn(q, xs, ys), p, v))(
-      layouts['jit_data_parallel'], g
+    layouts['jit_data_parallel'], g
   )
   results['jit_data_parallel_hvp'] = hvp_errors(g, hg)
 
@@ -267,7 +269,7 @@ def main(out_path: str) -> None:
   for name in ('f3eo', 'f3eo_hvp_every_2'):
     tx = txs[name]
     hlo[f'transform_{name}'] = xla_utils.collectives(
-        jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
+      jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
     )
 
   def raveled_projection(grads, params):
@@ -278,7 +280,7 @@ def main(out_path: str) -> None:
     return optax.apply_updates(params, unravel_g(-1e-2 * (flat_g + flat_m)))
 
   hlo['raveled_projection'] = xla_utils.collectives(
-      jax.jit(raveled_projection).lower(p_fsdp, p_fsdp).compile().as_text()
+    jax.jit(raveled_projection).lower(p_fsdp, p_fsdp).compile().as_text()
   )
   tick('hlo')
 
@@ -290,19 +292,19 @@ def main(out_path: str) -> None:
     step = jax.jit(lambda p, s, x, y: global_step(tx, p, s, x, y))
     out_params, out_state = train(step, p_exp, tx.init(p_exp), xe, ye)
     results['explicit_fsdp'] = compare(out_params, out_state, reference['f3eo']) | {
-        'w1_type': str(jax.typeof(out_params['w1']))
+      'w1_type': str(jax.typeof(out_params['w1']))
     }
   tick('explicit_fsdp')
 
   def shard_mapped(step, tx, check_vma):
     return jax.jit(
-        jax.shard_map(
-            lambda p, s, x, y: step(tx, p, s, x, y),
-            mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), P(AXIS)),
-            out_specs=(P(), P()),
-            check_vma=check_vma,
-        )
+      jax.shard_map(
+        lambda p, s, x, y: step(tx, p, s, x, y),
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), P(AXIS)),
+        out_specs=(P(), P()),
+        check_vma=check_vma,
+      )
     )
 
   # shard_map with local gradients (check_vma=False): pmean g, axis_name averages H·g.
@@ -311,7 +313,7 @@ def main(out_path: str) -> None:
   for name in ('f3eo', 'f3eo_hvp_every_2'):
     tx = txs_local[name]
     compiled = (
-        shard_mapped(local_grad_step, tx, False).lower(params, tx.init(params), xs, ys).compile()
+      shard_mapped(local_grad_step, tx, False).lower(params, tx.init(params), xs, ys).compile()
     )
     cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
     if name == 'f3eo':
@@ -327,9 +329,9 @@ def main(out_path: str) -> None:
     return g, jax.lax.pmean(f3eo_jax.hvp(obj_fn, p, g), AXIS)
 
   g, hg = jax.jit(
-      jax.shard_map(
-          local_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
-      )
+    jax.shard_map(
+      local_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=False
+    )
   )(params, xs, ys)
   results['shard_map_local_grads_hvp'] = hvp_errors(g, hg)
   tick('shard_map_local_grads')
@@ -337,10 +339,10 @@ def main(out_path: str) -> None:
   # Legacy jax.pmap, built on shard_map(check_vma=False) in this JAX: local gradients too.
   tx = txs_local['f3eo_reference']
   pmapped = jax.pmap(
-      lambda p, s, x, y: local_grad_step(tx, p, s, x, y),
-      axis_name=AXIS,
-      in_axes=(None, None, 0, 0),
-      out_axes=None,
+    lambda p, s, x, y: local_grad_step(tx, p, s, x, y),
+    axis_name=AXIS,
+    in_axes=(None, None, 0, 0),
+    out_axes=None,
   )
   xp, yp = x.reshape(NUM_DEVICES, -1, x.shape[-1]), y.reshape(NUM_DEVICES, -1)
   out = train(pmapped, params, tx.init(params), xp, yp)
@@ -370,9 +372,9 @@ def main(out_path: str) -> None:
     return g, hg
 
   g, hg = jax.jit(
-      jax.shard_map(
-          vma_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=True
-      )
+    jax.shard_map(
+      vma_hvp, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=True
+    )
   )(params, xs, ys)
   results['shard_map_vma_hvp'] = hvp_errors(g, hg) | {f'vma_of_{k}': v for k, v in types.items()}
   tick('shard_map_vma')

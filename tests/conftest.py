@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 import functools
 import types
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,13 +27,13 @@ def x64():
 
 
 def random_mlp(
-    activation: str = 'tanh',
-    *,
-    widths: Sequence[int] = (3, 4, 3),
-    num_examples: int = 8,
-    param_seed: int = 0,
-    data_seed: int = 1,
-    dtype: Any = None,
+  activation: str = 'tanh',
+  *,
+  widths: Sequence[int] = (3, 4, 3),
+  num_examples: int = 8,
+  param_seed: int = 0,
+  data_seed: int = 1,
+  dtype: Any = None,
 ) -> tuple[PyTree, Callable[[PyTree], jax.Array]]:
   """A small MLP (weights and biases) and its mean cross-entropy on fixed random data.
 
@@ -49,13 +49,18 @@ def random_mlp(
   """
   dtype = jnp.dtype(jnp.result_type(float) if dtype is None else dtype)
   params, loss_fn = _random_mlp(
-      activation, tuple(widths), num_examples, param_seed, data_seed, dtype,
-      jax.config.jax_enable_x64,
+    activation,
+    tuple(widths),
+    num_examples,
+    param_seed,
+    data_seed,
+    dtype,
+    jax.config.jax_enable_x64,
   )
   return jax.tree.map(lambda x: x, params), loss_fn  # fresh containers for each caller
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _random_mlp(activation, widths, num_examples, param_seed, data_seed, dtype, x64):
   del x64  # only part of the cache key: the label dtype depends on it
   act = _ACTIVATIONS[activation]
@@ -63,8 +68,8 @@ def _random_mlp(activation, widths, num_examples, param_seed, data_seed, dtype, 
   params = {}
   for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
     params[f'layer_{i}'] = {
-        'w': jnp.asarray(param_rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in), dtype),
-        'b': jnp.asarray(0.5 * param_rng.normal(size=(fan_out,)), dtype),
+      'w': jnp.asarray(param_rng.normal(size=(fan_in, fan_out)) / np.sqrt(fan_in), dtype),
+      'b': jnp.asarray(0.5 * param_rng.normal(size=(fan_out,)), dtype),
     }
   data_rng = np.random.default_rng(1000 + data_seed)
   x = jnp.asarray(data_rng.normal(size=(num_examples, widths[0])), dtype)
@@ -96,7 +101,7 @@ def ravel(tree: PyTree) -> np.ndarray:
 _DERIVATIVES: dict[Any, types.SimpleNamespace] = {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_derivatives(loss_fn, unravel):
   flat_loss = lambda f: loss_fn(unravel(f))
   # Jitted: one compilation rather than one per primitive, much faster on small CPUs.
@@ -104,7 +109,7 @@ def _jitted_derivatives(loss_fn, unravel):
 
 
 def dense_derivatives(
-    loss_fn: Callable[[PyTree], jax.Array], params: PyTree
+  loss_fn: Callable[[PyTree], jax.Array], params: PyTree
 ) -> types.SimpleNamespace:
   """``loss``, ``grad`` (raveled) and the explicit ``hessian`` of ``loss_fn`` at ``params``.
 
@@ -118,9 +123,9 @@ def dense_derivatives(
     shapes = tuple((np.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(params))
     loss, grad, hessian = _jitted_derivatives(loss_fn, _Unravel(treedef, shapes, unravel))(flat)
     _DERIVATIVES[key] = types.SimpleNamespace(
-        loss=float(loss),
-        grad=np.asarray(grad, np.float64),
-        hessian=np.asarray(hessian, np.float64),
+      loss=float(loss),
+      grad=np.asarray(grad, np.float64),
+      hessian=np.asarray(hessian, np.float64),
     )
   return _DERIVATIVES[key]
 
@@ -147,17 +152,17 @@ def dense_hessian(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -> np.
 
 
 def meta_gradient_reference(
-    hessian: np.ndarray,
-    grads: np.ndarray,
-    leaf_sizes: Sequence[int],
-    *,
-    meta_coef: float = 1.0,
-    orthogonalize: bool = True,
-    projection: str = 'global',
-    meta_clip_norm: float | None = None,
-    meta_max_ratio: float | None = None,
-    mask: np.ndarray | None = None,
-    hg: np.ndarray | None = None,
+  hessian: np.ndarray,
+  grads: np.ndarray,
+  leaf_sizes: Sequence[int],
+  *,
+  meta_coef: float = 1.0,
+  orthogonalize: bool = True,
+  projection: str = 'global',
+  meta_clip_norm: float | None = None,
+  meta_max_ratio: float | None = None,
+  mask: np.ndarray | None = None,
+  hg: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
   """The rule in numpy: the effective gradient ``e = g + (c·H·g)⊥`` and the diagnostics.
 
@@ -195,13 +200,13 @@ def meta_gradient_reference(
   hg_norm = np.linalg.norm(hg)
   denom = np.sqrt(grad_sq_norm) * hg_norm
   diagnostics = {
-      'grad_sq_norm': grad_sq_norm,
-      'g_dot_hg': g @ hg,
-      'hg_norm': hg_norm,
-      'meta_norm': np.linalg.norm(m),
-      'cos_g_hg': (g @ hg) / denom if denom > 0 else 0.0,
-      'cap_scale': np.sqrt(m @ m / uncapped_sq) if uncapped_sq > 0 else 1.0,
-      'cap_bound': capped,
+    'grad_sq_norm': grad_sq_norm,
+    'g_dot_hg': g @ hg,
+    'hg_norm': hg_norm,
+    'meta_norm': np.linalg.norm(m),
+    'cos_g_hg': (g @ hg) / denom if denom > 0 else 0.0,
+    'cap_scale': np.sqrt(m @ m / uncapped_sq) if uncapped_sq > 0 else 1.0,
+    'cap_bound': capped,
   }
   return grads + m, diagnostics
 
@@ -220,10 +225,10 @@ def dense():
   """Independent dense references: ``dense.derivatives``, ``dense.hessian``, ``dense.ravel``,
   ``dense.meta_gradient``, ``dense.leaf_sizes``, ``dense.mask_per_coordinate``."""
   return types.SimpleNamespace(
-      derivatives=dense_derivatives,
-      hessian=dense_hessian,
-      ravel=ravel,
-      meta_gradient=meta_gradient_reference,
-      leaf_sizes=leaf_sizes,
-      mask_per_coordinate=mask_per_coordinate,
+    derivatives=dense_derivatives,
+    hessian=dense_hessian,
+    ravel=ravel,
+    meta_gradient=meta_gradient_reference,
+    leaf_sizes=leaf_sizes,
+    mask_per_coordinate=mask_per_coordinate,
   )

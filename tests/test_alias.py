@@ -36,7 +36,7 @@ def _run_side_by_side(loss_fn, params, tx_a, tx_b, num_steps=NUM_STEPS):
 def _assert_same_trajectory(trajectory, initial_params, dense):
   for t, (params_a, params_b) in enumerate(trajectory):
     np.testing.assert_allclose(
-        dense.ravel(params_a), dense.ravel(params_b), rtol=1e-12, atol=1e-14, err_msg=f'step {t}'
+      dense.ravel(params_a), dense.ravel(params_b), rtol=1e-12, atol=1e-14, err_msg=f'step {t}'
     )
   moved = np.abs(dense.ravel(trajectory[-1][0]) - dense.ravel(initial_params)).max()
   assert moved > 1e-3
@@ -47,13 +47,13 @@ def test_f3eo_equals_adamw_applied_to_the_effective_gradient(x64, make_mlp, dens
   schedule = optax.cosine_decay_schedule(0.05, decay_steps=NUM_STEPS, alpha=0.1)
   adam_options = dict(b1=0.8, b2=0.95, eps=1e-6)
   meta_options = dict(
-      meta_coef=-0.5, projection='per_leaf', meta_clip_norm=0.05, meta_max_ratio=0.3
+    meta_coef=-0.5, projection='per_leaf', meta_clip_norm=0.05, meta_max_ratio=0.3
   )
 
   f3eo = f3eo_jax.f3eo(schedule, **adam_options, weight_decay=0.1, **meta_options)
   separately = optax.chain(
-      f3eo_jax.add_meta_gradient(**meta_options),
-      optax.adamw(schedule, **adam_options, weight_decay=0.1),
+    f3eo_jax.add_meta_gradient(**meta_options),
+    optax.adamw(schedule, **adam_options, weight_decay=0.1),
   )
 
   _assert_same_trajectory(_run_side_by_side(loss_fn, params, f3eo, separately), params, dense)
@@ -63,8 +63,8 @@ def test_f3eo_reference_equals_the_published_meta_rule_then_adamw(x64, make_mlp,
   params, loss_fn = make_mlp('relu')
   reference = f3eo_jax.f3eo_reference(0.01, weight_decay=5e-4)
   published = optax.chain(
-      f3eo_jax.add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0),
-      optax.adamw(0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4),
+    f3eo_jax.add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0),
+    optax.adamw(0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4),
   )
 
   _assert_same_trajectory(_run_side_by_side(loss_fn, params, reference, published), params, dense)
@@ -85,16 +85,14 @@ def _torch_adamw_step(p, e, state, t, *, lr, b1, b2, eps, weight_decay, amsgrad)
 
 @pytest.mark.parametrize('amsgrad', [False, True], ids=['adamw', 'amsgrad'])
 def test_f3eo_reference_follows_the_pytorch_rule_computed_from_a_dense_hessian(
-    x64, make_mlp, dense, amsgrad
+  x64, make_mlp, dense, amsgrad
 ):
   params, loss_fn = make_mlp('tanh')
   hyper = dict(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-2)
   tx = f3eo_jax.f3eo_reference(
-      hyper['lr'], hyper['b1'], hyper['b2'], hyper['eps'], hyper['weight_decay'], amsgrad=amsgrad
+    hyper['lr'], hyper['b1'], hyper['b2'], hyper['eps'], hyper['weight_decay'], amsgrad=amsgrad
   )
-  step = jax.jit(
-      lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, obj_fn=loss_fn)
-  )
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss_fn)(p), s, p, obj_fn=loss_fn))
   _, unravel = jax.flatten_util.ravel_pytree(params)
   state = tx.init(params)
   p_ref = dense.ravel(params)
@@ -103,14 +101,20 @@ def test_f3eo_reference_follows_the_pytorch_rule_computed_from_a_dense_hessian(
   for t in range(1, NUM_STEPS + 1):
     derivatives = dense.derivatives(loss_fn, unravel(p_ref))
     e, _ = dense.meta_gradient(
-        derivatives.hessian, derivatives.grad, dense.leaf_sizes(params),
-        meta_coef=-2.0, projection='per_leaf', meta_clip_norm=1.0,
+      derivatives.hessian,
+      derivatives.grad,
+      dense.leaf_sizes(params),
+      meta_coef=-2.0,
+      projection='per_leaf',
+      meta_clip_norm=1.0,
     )
     p_ref, torch_state = _torch_adamw_step(p_ref, e, torch_state, t, amsgrad=amsgrad, **hyper)
     updates, state = step(params, state)
     params = optax.apply_updates(params, updates)
 
-    np.testing.assert_allclose(dense.ravel(params), p_ref, rtol=1e-9, atol=1e-12, err_msg=f'step {t}')
+    np.testing.assert_allclose(
+      dense.ravel(params), p_ref, rtol=1e-9, atol=1e-12, err_msg=f'step {t}'
+    )
 
 
 def _varying_gradients():
@@ -137,7 +141,9 @@ def test_scale_by_amsgrad_torch_matches_the_pytorch_formula(x64):
       m[k] = b1 * m[k] + (1 - b1) * g[k]
       v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
       v_max[k] = np.maximum(v_max[k], v[k])  # PyTorch: the max of the raw v...
-      expected = m[k] / (1 - b1**t) / (np.sqrt(v_max[k]) / np.sqrt(1 - b2**t) + eps)  # ...then bias correction
+      expected = (
+        m[k] / (1 - b1**t) / (np.sqrt(v_max[k]) / np.sqrt(1 - b2**t) + eps)
+      )  # ...then bias correction
       np.testing.assert_allclose(updates[k], expected, rtol=1e-12, err_msg=f'{k} at step {t}')
       assert updates[k].dtype == jnp.float64
       max_differs_from_v |= bool(np.any(v_max[k] > v[k] * (1 + 1e-6)))
@@ -167,9 +173,9 @@ def test_f3eo_reference_defaults_follow_the_published_optimizer():
   loss_fn = lambda p: jnp.sum(jnp.sin(p['w']) ** 2)
   reference = f3eo_jax.f3eo_reference()
   published = optax.chain(
-      f3eo_jax.add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0),
-      optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+    f3eo_jax.add_meta_gradient(-2.0, projection='per_leaf', meta_clip_norm=1.0),
+    optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
   )
 
-  for (p_a, p_b) in _run_side_by_side(loss_fn, params, reference, published, num_steps=2):
+  for p_a, p_b in _run_side_by_side(loss_fn, params, reference, published, num_steps=2):
     np.testing.assert_allclose(p_a['w'], p_b['w'], rtol=1e-6, atol=1e-9)

@@ -27,12 +27,12 @@ pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEP_TIME_VARIANTS = (
-    'adamw',
-    'f3eo',
-    'f3eo_every10_linearize',
-    'f3eo_every10_python',
-    'torch_adamw',
-    'torch_f3eo',
+  'adamw',
+  'f3eo',
+  'f3eo_every10_linearize',
+  'f3eo_every10_python',
+  'torch_adamw',
+  'torch_f3eo',
 )
 JAX_ROWS = STEP_TIME_VARIANTS[:4]
 
@@ -52,16 +52,16 @@ def run_benchmark(module: str, *args: str, devices: int, timeout: int) -> None:
   env['XLA_FLAGS'] = xla_utils.host_device_flags(devices, fast_compile=True)
   env['JAX_PLATFORMS'] = 'cpu'
   result = subprocess.run(
-      [sys.executable, '-m', module, *args],
-      cwd=REPO,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=timeout,
+    [sys.executable, '-m', module, *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
   )
-  assert (
-      result.returncode == 0
-  ), f'{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
+  assert result.returncode == 0, (
+    f'{module} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}'
+  )
 
 
 def _positive(x) -> bool:
@@ -73,16 +73,16 @@ def step_time_out(tmp_path_factory):
   pytest.importorskip('torch', reason='the PyTorch rows of step_time need torch (the test extra)')
   out = tmp_path_factory.mktemp('step_time')
   run_benchmark(
-      'benchmarks.step_time',
-      '--quick',
-      '--models',
-      'mlp',
-      '--variants',
-      ','.join(STEP_TIME_VARIANTS),
-      '--out',
-      str(out),
-      devices=1,
-      timeout=600,
+    'benchmarks.step_time',
+    '--quick',
+    '--models',
+    'mlp',
+    '--variants',
+    ','.join(STEP_TIME_VARIANTS),
+    '--out',
+    str(out),
+    devices=1,
+    timeout=600,
   )
   return json.loads((out / 'step_time.json').read_text()), (out / 'step_time.md').read_text()
 
@@ -168,7 +168,7 @@ def test_step_time_linearize_objective_matches_the_flax_helper():
   for a, b in zip(jax.tree.leaves((p1, s1, l1)), jax.tree.leaves((p2, s2, l2))):
     assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
   assert jax.tree.leaves(s1) and not jnp.allclose(
-      s1['batch_stats']['BatchNorm_0']['mean'], model_state['batch_stats']['BatchNorm_0']['mean']
+    s1['batch_stats']['BatchNorm_0']['mean'], model_state['batch_stats']['BatchNorm_0']['mean']
   )
   d1, d2 = f3eo_jax.diagnostics(o1), f3eo_jax.diagnostics(o2)
   assert float(d1['hg_norm']) > 0
@@ -182,20 +182,20 @@ def test_step_time_linearize_objective_matches_the_flax_helper():
 def data_parallel_out(tmp_path_factory):
   out = tmp_path_factory.mktemp('data_parallel')
   run_benchmark(
-      'benchmarks.data_parallel',
-      '--quick',
-      '--hidden',
-      '32,32',
-      '--batch',
-      '64',
-      '--out',
-      str(out),
-      devices=8,
-      timeout=600,
+    'benchmarks.data_parallel',
+    '--quick',
+    '--hidden',
+    '32,32',
+    '--batch',
+    '64',
+    '--out',
+    str(out),
+    devices=8,
+    timeout=600,
   )
   return (
-      json.loads((out / 'data_parallel.json').read_text()),
-      (out / 'data_parallel.md').read_text(),
+    json.loads((out / 'data_parallel.json').read_text()),
+    (out / 'data_parallel.md').read_text(),
   )
 
 
@@ -220,10 +220,8 @@ def test_data_parallel_times_and_counts_collectives(data_parallel_out):
   assert list(rows) == list(dp.TIMING_RUNS)
   for key, r in rows.items():
     assert _positive(r['step_ms']) and _positive(r['vs_adamw'] or 1.0), key
-  reduced = (
-      lambda key, where='always': rows[key]['collectives']
-      .get(f'all-reduce ({where})', {})
-      .get('elements', 0)
+  reduced = lambda key, where='always': (
+    rows[key]['collectives'].get(f'all-reduce ({where})', {}).get('elements', 0)
   )
   assert reduced(('1 device', 'f3eo')) == 0
   # g, plus the scalar loss where XLA reduces it in the same op
@@ -233,52 +231,52 @@ def test_data_parallel_times_and_counts_collectives(data_parallel_out):
     assert 2 * n <= reduced((layout, 'f3eo')) <= 2 * n + 1, layout
   assert reduced(('jit', 'f3eo hvp_every=10'), 'in_cond') > 0
   assert 'exactly one more parameter-sized all-reduce' in md
-  assert f"{reduced(('jit', 'f3eo')) / n:.2f}×" in md
+  assert f'{reduced(("jit", "f3eo")) / n:.2f}×' in md
 
 
 def _results(early=1e-7, acc=(0.6, 0.6), shard_map_f3eo=2.0):
   """Made-up results, in the layout the script writes, for the prose generators."""
   n = 1000
   equivalence = [
-      dict(
-          layout=layout,
-          optimizer=opt,
-          final_loss=0.5,
-          test_accuracy=acc[layout != '1 device'],
-          early_param_diff=0.0 if layout == '1 device' else early,
-          max_param_diff=0.0 if layout == '1 device' else 1e-2,
-          param_scale=0.8,
-      )
-      for layout, opt in (
-          ('1 device', 'f3eo'),
-          ('jit', 'f3eo'),
-          ('1 device', 'adamw'),
-          ('jit', 'adamw'),
-      )
+    dict(
+      layout=layout,
+      optimizer=opt,
+      final_loss=0.5,
+      test_accuracy=acc[layout != '1 device'],
+      early_param_diff=0.0 if layout == '1 device' else early,
+      max_param_diff=0.0 if layout == '1 device' else 1e-2,
+      param_scale=0.8,
+    )
+    for layout, opt in (
+      ('1 device', 'f3eo'),
+      ('jit', 'f3eo'),
+      ('1 device', 'adamw'),
+      ('jit', 'adamw'),
+    )
   ]
   collectives = lambda k: {'all-reduce (always)': {'count': 1, 'elements': int(k * n)}}
   timing = [
-      dict(
-          layout='shard_map (vma)',
-          optimizer='adamw',
-          vs_one_device=2.0,
-          vs_adamw=1.0,
-          collectives=collectives(1),
-      ),
-      dict(
-          layout='shard_map (vma)',
-          optimizer='f3eo',
-          vs_one_device=2.5,
-          vs_adamw=2.5,
-          collectives=collectives(shard_map_f3eo),
-      ),
+    dict(
+      layout='shard_map (vma)',
+      optimizer='adamw',
+      vs_one_device=2.0,
+      vs_adamw=1.0,
+      collectives=collectives(1),
+    ),
+    dict(
+      layout='shard_map (vma)',
+      optimizer='f3eo',
+      vs_one_device=2.5,
+      vs_adamw=2.5,
+      collectives=collectives(shard_map_f3eo),
+    ),
   ]
   return dict(
-      equivalence=equivalence,
-      timing=timing,
-      train_steps=300,
-      num_params=n,
-      machine={'cores_available': 2},
+    equivalence=equivalence,
+    timing=timing,
+    train_steps=300,
+    num_params=n,
+    machine={'cores_available': 2},
   )
 
 

@@ -51,7 +51,10 @@ TX = f3eo_jax.f3eo(1e-2, weight_decay=1e-4, hvp_every=HVP_EVERY)
 def _make_state(key: jax.Array) -> TrainState:
   variables = Net().init(key, jnp.zeros((1, 6)), train=False)
   return TrainState.create(
-      apply_fn=Net().apply, params=variables['params'], batch_stats=variables['batch_stats'], tx=TX,
+    apply_fn=Net().apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=TX,
   )
 
 
@@ -64,8 +67,12 @@ def train_step(state: TrainState) -> TrainState:
   x, y = batch(state.step)
   xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   (_, model_state), grads, obj_fn = f3eo_flax.linen_value_grad_and_obj_fn(
-      state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, xent, x,
-      train=True, rngs={'dropout': jax.random.fold_in(DROPOUT_KEY, state.step)},
+    state.apply_fn,
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    xent,
+    x,
+    train=True,
+    rngs={'dropout': jax.random.fold_in(DROPOUT_KEY, state.step)},
   )
   new_stats = model_state['batch_stats']
   return f3eo_flax.apply_gradients(state, grads, obj_fn=obj_fn, batch_stats=new_stats)

@@ -20,8 +20,9 @@ LEARNING_RATE = 0.05
 def _loss(params, batch):
   """Cross-entropy of a one-hidden-layer tanh MLP; logits in float32 for any param dtype."""
   x, labels = batch
-  hidden = jnp.tanh(x.astype(params['hidden']['w'].dtype) @ params['hidden']['w']
-                    + params['hidden']['b'])
+  hidden = jnp.tanh(
+    x.astype(params['hidden']['w'].dtype) @ params['hidden']['w'] + params['hidden']['b']
+  )
   logits = hidden @ params['out']['w'] + params['out']['b']
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
@@ -29,13 +30,13 @@ def _loss(params, batch):
 def _problem(dtype=jnp.float32, num_batches=3):
   rng = np.random.default_rng(0)
   params = {
-      'hidden': {'w': rng.normal(size=(3, 4)) / np.sqrt(3), 'b': 0.5 * rng.normal(size=4)},
-      'out': {'w': rng.normal(size=(4, 3)) / 2.0, 'b': 0.5 * rng.normal(size=3)},
+    'hidden': {'w': rng.normal(size=(3, 4)) / np.sqrt(3), 'b': 0.5 * rng.normal(size=4)},
+    'out': {'w': rng.normal(size=(4, 3)) / 2.0, 'b': 0.5 * rng.normal(size=3)},
   }
   params = jax.tree.map(lambda p: jnp.asarray(p, dtype), params)
   batches = [
-      (jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8)))
-      for _ in range(num_batches)
+    (jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8)))
+    for _ in range(num_batches)
   ]
   return params, batches
 
@@ -70,7 +71,10 @@ def _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7):
 def test_jit_and_eager_updates_agree():
   # A two-leaf logistic model: eager mode compiles each primitive apart, so keep it small.
   rng = np.random.default_rng(0)
-  x, signs = jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), jnp.asarray(rng.choice([-1.0, 1.0], 8))
+  x, signs = (
+    jnp.asarray(rng.normal(size=(8, 3)), jnp.float32),
+    jnp.asarray(rng.choice([-1.0, 1.0], 8)),
+  )
   loss_fn = lambda p: jnp.mean(jnp.logaddexp(0.0, -signs * jnp.tanh(x @ p['w'] + p['b'])))
   params = {'w': jnp.asarray(rng.normal(size=3), jnp.float32), 'b': jnp.zeros((), jnp.float32)}
   tx = f3eo_jax.add_meta_gradient(-2.0, meta_clip_norm=0.1, hvp_every=2)
@@ -132,7 +136,9 @@ def test_bfloat16_meta_gradient_matches_float32_to_bfloat16_precision():
     e_f32, diagnostics_f32 = effective_gradient(params_f32, batch)
 
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(e_bf16))
-    flat_bf16 = jax.flatten_util.ravel_pytree(jax.tree.map(lambda x: x.astype(jnp.float32), e_bf16))[0]
+    flat_bf16 = jax.flatten_util.ravel_pytree(
+      jax.tree.map(lambda x: x.astype(jnp.float32), e_bf16)
+    )[0]
     flat_f32 = jax.flatten_util.ravel_pytree(e_f32)[0]
     assert np.linalg.norm(flat_bf16 - flat_f32) <= 3e-2 * np.linalg.norm(flat_f32)
     for name in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm'):
@@ -145,16 +151,18 @@ _CLIP = 0.05
 _PLAIN = f3eo_jax.f3eo(LEARNING_RATE, meta_coef=-2.0, hvp_every=2)
 _UNCHECKED = f3eo_jax.f3eo(LEARNING_RATE, meta_coef=-2.0, hvp_every=2, check_consistency=None)
 _TRANSFORMS = {
-    'f3eo': lambda: _PLAIN,
-    'f3eo_reference_amsgrad': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE, amsgrad=True),
-    # Clipping before the meta-gradient changes g, which the default gradient check
-    # would flag (tests/test_safety.py); here the check is off to compare the numbers.
-    'chain': lambda: optax.chain(optax.clip_by_global_norm(_CLIP), _UNCHECKED),
-    'inject_hyperparams': lambda: optax.inject_hyperparams(f3eo_jax.f3eo)(
-        learning_rate=LEARNING_RATE, meta_coef=-2.0, hvp_every=2  # all become arrays
-    ),
-    'multi_steps': lambda: optax.MultiSteps(_PLAIN, every_k_schedule=2),
-    'apply_if_finite': lambda: optax.apply_if_finite(_PLAIN, 3),
+  'f3eo': lambda: _PLAIN,
+  'f3eo_reference_amsgrad': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE, amsgrad=True),
+  # Clipping before the meta-gradient changes g, which the default gradient check
+  # would flag (tests/test_safety.py); here the check is off to compare the numbers.
+  'chain': lambda: optax.chain(optax.clip_by_global_norm(_CLIP), _UNCHECKED),
+  'inject_hyperparams': lambda: optax.inject_hyperparams(f3eo_jax.f3eo)(
+    learning_rate=LEARNING_RATE,
+    meta_coef=-2.0,
+    hvp_every=2,  # all become arrays
+  ),
+  'multi_steps': lambda: optax.MultiSteps(_PLAIN, every_k_schedule=2),
+  'apply_if_finite': lambda: optax.apply_if_finite(_PLAIN, 3),
 }
 _TRACES = collections.Counter()
 
@@ -203,7 +211,9 @@ def test_second_step_does_not_retrace_with_an_obj_fn_lambda_built_inside_the_ste
   assert step._cache_size() == cache_size  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize('wrapper', ['chain', 'inject_hyperparams', 'multi_steps', 'apply_if_finite'])
+@pytest.mark.parametrize(
+  'wrapper', ['chain', 'inject_hyperparams', 'multi_steps', 'apply_if_finite']
+)
 def test_f3eo_inside_an_optax_wrapper_matches_plain_f3eo(wrapper):
   params, batches = _problem()
   tx, wrapped_step = _jitted_train_step(wrapper)
@@ -218,7 +228,7 @@ def test_f3eo_inside_an_optax_wrapper_matches_plain_f3eo(wrapper):
     wrapped_params, wrapped_state, _ = wrapped_step(wrapped_params, wrapped_state, batch)
     if wrapper == 'chain':
       plain_params, plain_state, clip_binds = _plain_step_on_clipped_grads(
-          plain_params, plain_state, batch
+        plain_params, plain_state, batch
       )
       assert clip_binds
     else:
@@ -227,7 +237,7 @@ def test_f3eo_inside_an_optax_wrapper_matches_plain_f3eo(wrapper):
     # float32: hyperparameters held as arrays round a little differently
     _assert_trees_close(wrapped_params, plain_params, rtol=1e-5, atol=1e-6)
     _assert_trees_close(
-        f3eo_jax.diagnostics(wrapped_state), f3eo_jax.diagnostics(plain_state), 1e-5, 1e-6
+      f3eo_jax.diagnostics(wrapped_state), f3eo_jax.diagnostics(plain_state), 1e-5, 1e-6
     )
   assert f3eo_jax.diagnostics(wrapped_state)['hg_norm'] > 0
 
@@ -263,7 +273,7 @@ def test_apply_if_finite_leaves_params_and_inner_state_untouched_on_nan_gradient
   for new, old in zip(jax.tree.leaves(new_params), jax.tree.leaves(params), strict=True):
     np.testing.assert_array_equal(new, old)
   for new, old in zip(
-      jax.tree.leaves(new_state.inner_state), jax.tree.leaves(opt_state.inner_state), strict=True
+    jax.tree.leaves(new_state.inner_state), jax.tree.leaves(opt_state.inner_state), strict=True
   ):
     np.testing.assert_array_equal(new, old)
   assert int(new_state.notfinite_count) == 1
@@ -275,12 +285,14 @@ def test_apply_if_finite_leaves_params_and_inner_state_untouched_on_nan_gradient
 
 def _trajectory(loss_fn, params, num_steps):
   """Fixed params along a line, so different hvp_every see the same params and gradients."""
-  direction = jax.tree.map(lambda p: 0.2 * jnp.cos(jnp.arange(p.size).reshape(p.shape) + 1.0), params)
-  return [jax.tree.map(lambda p, d: p + t * d, params, direction) for t in range(num_steps)]
+  direction = jax.tree.map(
+    lambda p: 0.2 * jnp.cos(jnp.arange(p.size).reshape(p.shape) + 1.0), params
+  )
+  return [jax.tree.map(lambda p, d, t=t: p + t * d, params, direction) for t in range(num_steps)]
 
 
 def test_hvp_every_recomputes_every_k_steps_and_projects_the_stored_product_on_the_current_gradient(
-    x64, make_mlp, dense
+  x64, make_mlp, dense
 ):
   params, loss_fn = make_mlp('tanh')
   num_steps, k, meta_coef = 7, 3, -2.0
@@ -311,15 +323,17 @@ def test_hvp_every_recomputes_every_k_steps_and_projects_the_stored_product_on_t
     else:
       assert not np.allclose(every_k[t][0], every_step[t][0], rtol=1e-6)
     expected_e, expected_diagnostics = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(p), meta_coef=meta_coef, hg=stored_hg
+      reference.hessian, reference.grad, dense.leaf_sizes(p), meta_coef=meta_coef, hg=stored_hg
     )
-    np.testing.assert_allclose(every_k[t][0], expected_e, rtol=1e-9, atol=1e-12, err_msg=f'step {t}')
+    np.testing.assert_allclose(
+      every_k[t][0], expected_e, rtol=1e-9, atol=1e-12, err_msg=f'step {t}'
+    )
     for name, value in expected_diagnostics.items():
       if name != 'cap_bound':
         np.testing.assert_allclose(every_k[t][1][name], value, rtol=1e-5, atol=1e-9, err_msg=name)
     # The stored product is projected against the current g: orthogonal to it.
     assert abs((every_k[t][0] - reference.grad) @ reference.grad) <= 1e-10 * np.linalg.norm(
-        every_k[t][0] - reference.grad
+      every_k[t][0] - reference.grad
     ) * np.linalg.norm(reference.grad)
 
 

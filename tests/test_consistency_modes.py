@@ -28,20 +28,20 @@ pytestmark = pytest.mark.slow
 CASES = pathlib.Path(__file__).with_name('_consistency_cases.py')
 TIMEOUT_S = 300  # then the cases' process group gets SIGKILL; they take 30-60 s
 MODES = (
-    'jit_one_device',
-    'jit_data_parallel',
-    'jit_fsdp',
-    'shard_map_vma',
-    'shard_map_local_grads',
-    'pmap',
+  'jit_one_device',
+  'jit_data_parallel',
+  'jit_fsdp',
+  'shard_map_vma',
+  'shard_map_local_grads',
+  'pmap',
 )
 LOCAL_GRAD_MODES = ('shard_map_local_grads', 'pmap')
 # What _consistency_cases.py runs: every optimizer on one device, two elsewhere.
 CASE_IDS = [
-    (m, n)
-    for m in MODES
-    for n in problem.OPTIMIZERS
-    if m == 'jit_one_device' or n != 'f3eo_reference'
+  (m, n)
+  for m in MODES
+  for n in problem.OPTIMIZERS
+  if m == 'jit_one_device' or n != 'f3eo_reference'
 ]
 
 
@@ -53,12 +53,12 @@ def cases(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     log = path.with_suffix('.log')
     code = problem.run_bounded(
-        [sys.executable, str(CASES), str(path)], log, TIMEOUT_S, cwd=CASES.parents[1], env=env
+      [sys.executable, str(CASES), str(path)], log, TIMEOUT_S, cwd=CASES.parents[1], env=env
     )
     assert code == 0, f'consistency cases failed (exit {code}):\n{log.read_text()[-6000:]}'
 
   return problem.once_per_session(
-      problem.session_dir(tmp_path_factory) / 'consistency_cases.json', produce
+    problem.session_dir(tmp_path_factory) / 'consistency_cases.json', produce
   )
 
 
@@ -83,7 +83,7 @@ def test_wrong_obj_fn_drops_the_meta_term_and_raises_on_the_host(cases, referenc
   assert run['devices_agree_after'] is (None if mode.startswith('jit') else True)
   if mode == 'jit_fsdp':
     assert run['param_specs_after'] == {
-        k: problem.spec_string(v) for k, v in problem.FSDP_SPECS.items()
+      k: problem.spec_string(v) for k, v in problem.FSDP_SPECS.items()
     }
 
 

@@ -9,7 +9,7 @@ import pytest
 from benchmarks import data
 
 tfds = pytest.importorskip(
-    'tensorflow_datasets', reason='the TFDS path needs tensorflow-datasets (the `examples` extra)'
+  'tensorflow_datasets', reason='the TFDS path needs tensorflow-datasets (the `examples` extra)'
 )
 
 
@@ -100,7 +100,7 @@ def test_batches_shuffle_by_seed_and_cover_each_example_once_per_epoch():
 
 
 @pytest.mark.parametrize(
-    'name, shape', [('mnist', (28, 28, 1)), ('fashion_mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))]
+  'name, shape', [('mnist', (28, 28, 1)), ('fashion_mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))]
 )
 def test_tfds_path_reads_mocked_data_source(name, shape, tmp_path, offline):
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -120,7 +120,9 @@ def test_absent_data_dir_raises_a_clear_error_without_downloading(tmp_path, offl
 
 
 def test_unprepared_data_dir_raises_a_clear_error_without_downloading(tmp_path, offline):
-  with pytest.raises(data.DatasetNotPreparedError, match=r'never downloads[\s\S]*download_and_prepare'):
+  with pytest.raises(
+    data.DatasetNotPreparedError, match=r'never downloads[\s\S]*download_and_prepare'
+  ):
     data.load_dataset('cifar10', data_dir=str(tmp_path))
   downloaded = [p for p in tmp_path.rglob('*') if p.is_file()]
   assert downloaded == []
@@ -138,11 +140,13 @@ class TinyDigits(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
-            'label': tfds.features.ClassLabel(num_classes=10),
-        }),
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
     )
 
   def _split_generators(self, dl_manager):
@@ -160,8 +164,13 @@ def test_a_locally_built_array_record_dataset_loads_through_data_source(tmp_path
   ds = data.load_dataset('tiny_digits', data_dir=str(tmp_path))
   assert ds.x_train.shape == (30, 4, 4, 1) and ds.x_test.shape == (10, 4, 4, 1)
   assert ds.num_classes == 10
-  for x, y, values in ((ds.x_train, ds.y_train, range(30)), (ds.x_test, ds.y_test, range(100, 110))):
+  for x, y, values in (
+    (ds.x_train, ds.y_train, range(30)),
+    (ds.x_test, ds.y_test, range(100, 110)),
+  ):
     index = np.rint(x[:, 0, 0, 0] * 255).astype(int)  # scaled to [0, 1] from uint8
     assert sorted(index) == list(values)
     np.testing.assert_array_equal(y, index % 10)
-    np.testing.assert_allclose(x, np.broadcast_to(index[:, None, None, None] / 255.0, x.shape), atol=1e-7)
+    np.testing.assert_allclose(
+      x, np.broadcast_to(index[:, None, None, None] / 255.0, x.shape), atol=1e-7
+    )

@@ -26,11 +26,11 @@ _Y = jnp.sin(3 * _X) * jnp.cos(_X)
 def _init(seed):
   rng = np.random.default_rng(seed)
   return [
-      {
-          'b': jnp.zeros(n_out, jnp.float32),
-          'w': jnp.asarray(rng.normal(size=(n_in, n_out)) / np.sqrt(n_in), jnp.float32),
-      }
-      for n_in, n_out in zip(WIDTHS[:-1], WIDTHS[1:])
+    {
+      'b': jnp.zeros(n_out, jnp.float32),
+      'w': jnp.asarray(rng.normal(size=(n_in, n_out)) / np.sqrt(n_in), jnp.float32),
+    }
+    for n_in, n_out in zip(WIDTHS[:-1], WIDTHS[1:])
   ]
 
 
@@ -44,9 +44,9 @@ def _mse(params):
 
 
 _OPTIMIZERS = {
-    'adamw': optax.adamw(LEARNING_RATE, weight_decay=1e-4),
-    'f3eo': f3eo_jax.f3eo(LEARNING_RATE),  # the default: relative cap ρ = 0.1
-    'f3eo_uncapped': f3eo_jax.f3eo(LEARNING_RATE, meta_max_ratio=None),
+  'adamw': optax.adamw(LEARNING_RATE, weight_decay=1e-4),
+  'f3eo': f3eo_jax.f3eo(LEARNING_RATE),  # the default: relative cap ρ = 0.1
+  'f3eo_uncapped': f3eo_jax.f3eo(LEARNING_RATE, meta_max_ratio=None),
 }
 
 
@@ -87,7 +87,7 @@ def test_default_f3eo_trains_like_adamw_where_the_uncapped_rule_fails():
     # The default is not AdamW in disguise: its meta term is there, capped at 0.1‖g‖.
     assert f3eo_diagnostics['meta_norm'] > 0 and f3eo_diagnostics['cap_count'] > 0
     np.testing.assert_allclose(
-        f3eo_diagnostics['meta_norm'], 0.1 * np.sqrt(f3eo_diagnostics['grad_sq_norm']), rtol=1e-3
+      f3eo_diagnostics['meta_norm'], 0.1 * np.sqrt(f3eo_diagnostics['grad_sq_norm']), rtol=1e-3
     )
 
 

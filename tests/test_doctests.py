@@ -16,7 +16,7 @@ def test_docstring_examples_pass(module_name):
   module = importlib.import_module(module_name)
 
   result = doctest.testmod(
-      module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
+    module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False
   )
 
   assert result.failed == 0, f'{result.failed} docstring example(s) failed in {module_name}'

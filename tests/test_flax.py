@@ -50,8 +50,8 @@ def xent(labels):
 def _raises_mismatch():
   """A GradientMismatchError, as raised eagerly or wrapped by the runtime under jit."""
   return pytest.raises(
-      (f3eo_jax.GradientMismatchError, jax.errors.JaxRuntimeError),
-      match='differs from the gradients',
+    (f3eo_jax.GradientMismatchError, jax.errors.JaxRuntimeError),
+    match='differs from the gradients',
   )
 
 
@@ -100,35 +100,48 @@ def _linen_variables(seed: int) -> dict[str, Any]:
 def make_linen_state(tx, seed: int = 0) -> TrainState:
   variables = _linen_variables(seed)
   return TrainState.create(
-      apply_fn=LinenNet().apply, params=variables['params'],
-      batch_stats=variables['batch_stats'], tx=tx,
+    apply_fn=LinenNet().apply,
+    params=variables['params'],
+    batch_stats=variables['batch_stats'],
+    tx=tx,
   )
 
 
 def linen_value_grad_and_obj_fn(state, x, y, dropout_key, train=True):
   return f3eo_flax.linen_value_grad_and_obj_fn(
-      state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, xent(y),
-      x, train=train, rngs={'dropout': dropout_key},
+    state.apply_fn,
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    xent(y),
+    x,
+    train=train,
+    rngs={'dropout': dropout_key},
   )
 
 
 def linen_train_step(state, x, y, dropout_key):
   key = jax.random.fold_in(dropout_key, state.step)
   (loss, model_state), grads, obj_fn = linen_value_grad_and_obj_fn(state, x, y, key)
-  state = f3eo_flax.apply_gradients(state, grads, obj_fn=obj_fn, batch_stats=model_state['batch_stats'])
+  state = f3eo_flax.apply_gradients(
+    state, grads, obj_fn=obj_fn, batch_stats=model_state['batch_stats']
+  )
   return state, loss
 
 
 def linen_eval_loss(state, x, y):
-  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, x, train=False)
+  logits = state.apply_fn(
+    {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   return xent(y)(logits)
 
 
 def linen_direct_loss(state, params, x, y, dropout_key):
   """The train-mode loss and new batch stats, written out with ``apply``, no helper."""
   logits, updated = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-      rngs={'dropout': dropout_key}, mutable=['batch_stats'],
+    {'params': params, 'batch_stats': state.batch_stats},
+    x,
+    train=True,
+    rngs={'dropout': dropout_key},
+    mutable=['batch_stats'],
   )
   return xent(y)(logits), updated['batch_stats']
 
@@ -154,7 +167,7 @@ def test_linen_own_apply_gradients_cannot_pass_obj_fn():
 
 def _half_sq_norm(params) -> jax.Array:
   """½‖θ‖², whose Hessian is the identity: H·g = g."""
-  return 0.5 * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
+  return 0.5 * sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
 
 
 def _meta_then_sgd():
@@ -202,7 +215,9 @@ def test_linen_helper_matches_a_hand_written_train_step():
     want = jax.value_and_grad(direct, has_aux=True)(state.params)
     return (loss, model_state['batch_stats'], grads, obj_fn(state.params)), want
 
-  (loss, stats, grads, obj_value), ((want_loss, want_stats), want_grads) = run(state, jax.random.key(3))
+  (loss, stats, grads, obj_value), ((want_loss, want_stats), want_grads) = run(
+    state, jax.random.key(3)
+  )
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   np.testing.assert_allclose(obj_value, want_loss, rtol=1e-6)
   assert _rel_err(grads, want_grads) < 1e-6
@@ -216,8 +231,13 @@ def test_linen_helper_has_aux_returns_loss_fn_aux():
   def run(state):
     loss_and_logits = lambda logits: (xent(Y)(logits), logits)
     ((loss, logits), model_state), _, obj_fn = f3eo_flax.linen_value_grad_and_obj_fn(
-        state.apply_fn, {'params': state.params, 'batch_stats': state.batch_stats}, loss_and_logits,
-        X, train=True, rngs={'dropout': jax.random.key(3)}, has_aux=True,
+      state.apply_fn,
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      loss_and_logits,
+      X,
+      train=True,
+      rngs={'dropout': jax.random.key(3)},
+      has_aux=True,
     )
     return loss, logits, model_state, obj_fn(state.params)
 
@@ -416,7 +436,8 @@ def test_nnx_helper_has_aux_returns_loss_fn_aux():
     with_logits = lambda m, x, y: (nnx_loss(m, x, y), m(x))
     params = nnx.state(model, nnx.Param)
     (loss, logits), _, obj_fn = f3eo_flax.nnx_value_grad_and_obj_fn(
-        model, with_logits, X, Y, has_aux=True)
+      model, with_logits, X, Y, has_aux=True
+    )
     return loss, logits, obj_fn(params)
 
   loss, logits, obj_value = run(make_nnx_model())

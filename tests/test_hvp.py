@@ -58,11 +58,11 @@ def test_value_grad_and_hvp_gives_loss_gradient_and_hessian_map(x64, make_mlp, d
 
   np.testing.assert_allclose(loss, dense.derivatives(loss_fn, params).loss, rtol=1e-14)
   np.testing.assert_allclose(
-      dense.ravel(grads), dense.derivatives(loss_fn, params).grad, rtol=1e-12, atol=1e-14
+    dense.ravel(grads), dense.derivatives(loss_fn, params).grad, rtol=1e-12, atol=1e-14
   )
   for v, product in zip(tangents, products):
     np.testing.assert_allclose(
-        dense.ravel(product), hessian @ dense.ravel(v), rtol=1e-10, atol=1e-12
+      dense.ravel(product), hessian @ dense.ravel(v), rtol=1e-10, atol=1e-12
     )
 
 
@@ -84,10 +84,10 @@ def test_value_grad_and_hvp_with_aux_returns_loss_and_aux(x64, make_mlp, dense):
 
   np.testing.assert_allclose(loss, dense.derivatives(loss_fn, params).loss, rtol=1e-14)
   np.testing.assert_allclose(
-      aux['twice_loss'], 2.0 * dense.derivatives(loss_fn, params).loss, rtol=1e-14
+    aux['twice_loss'], 2.0 * dense.derivatives(loss_fn, params).loss, rtol=1e-14
   )
   np.testing.assert_allclose(
-      dense.ravel(grads), dense.derivatives(loss_fn, params).grad, rtol=1e-12, atol=1e-14
+    dense.ravel(grads), dense.derivatives(loss_fn, params).grad, rtol=1e-12, atol=1e-14
   )
   np.testing.assert_allclose(dense.ravel(product), hessian @ dense.ravel(v), rtol=1e-10, atol=1e-12)
 
@@ -101,9 +101,7 @@ def test_hvp_casts_tangent_to_param_dtype(make_mlp):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(product))
 
 
-@pytest.mark.parametrize(
-    'fn', [f3eo_jax.hvp, f3eo_jax.grad_and_hvp], ids=['hvp', 'grad_and_hvp']
-)
+@pytest.mark.parametrize('fn', [f3eo_jax.hvp, f3eo_jax.grad_and_hvp], ids=['hvp', 'grad_and_hvp'])
 def test_hvp_rejects_non_scalar_objective(fn):
   params = {'w': jnp.ones(3)}
   with pytest.raises(TypeError, match='scalar'):
@@ -112,4 +110,4 @@ def test_hvp_rejects_non_scalar_objective(fn):
 
 def test_value_grad_and_hvp_rejects_non_scalar_objective():
   with pytest.raises(TypeError, match='scalar'):
-    f3eo_jax.value_grad_and_hvp(lambda p: p ** 2, jnp.ones(3))
+    f3eo_jax.value_grad_and_hvp(lambda p: p**2, jnp.ones(3))

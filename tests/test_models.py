@@ -52,17 +52,51 @@ def _gpt_count(vocab, seq, d, n_layer):
 
 # (name, flax module, torch module, input shape, dtype, expected output shape, expected count)
 CASES = [
-    ('mlp', models.MLP(hidden=(16, 8)), lambda: torch_models.MLP(4 * 4 * 1, (16, 8)),
-     (2, 4, 4, 1), 'float32', (2, 10), _mlp_count([16, 16, 8, 10])),
-    ('cnn_1d', models.CNN(channels=(4, 8), dense=16), lambda: torch_models.CNN((40,), channels=(4, 8), dense=16),
-     (2, 40), 'float32', (2, 10), _cnn_count([40], 1, (4, 8), 16, 10, kernel=5)),
-    ('cnn_2d', models.CNN(channels=(4, 8), dense=16), lambda: torch_models.CNN((8, 8, 1), channels=(4, 8), dense=16),
-     (2, 8, 8, 1), 'float32', (2, 10), _cnn_count([8, 8], 1, (4, 8), 16, 10, kernel=3)),
-    ('resnet18', models.ResNet18(widths=(4, 8, 8, 16)), lambda: torch_models.ResNet18(widths=(4, 8, 8, 16)),
-     (2, 8, 8, 3), 'float32', (2, 10), _resnet18_count((4, 8, 8, 16), 10)),
-    ('gpt', models.GPT(vocab_size=11, seq_len=8, d_model=16, n_layer=2, n_head=2),
-     lambda: torch_models.GPT(11, 8, d_model=16, n_layer=2, n_head=2),
-     (2, 8), 'int32', (2, 8, 11), _gpt_count(11, 8, 16, 2)),
+  (
+    'mlp',
+    models.MLP(hidden=(16, 8)),
+    lambda: torch_models.MLP(4 * 4 * 1, (16, 8)),
+    (2, 4, 4, 1),
+    'float32',
+    (2, 10),
+    _mlp_count([16, 16, 8, 10]),
+  ),
+  (
+    'cnn_1d',
+    models.CNN(channels=(4, 8), dense=16),
+    lambda: torch_models.CNN((40,), channels=(4, 8), dense=16),
+    (2, 40),
+    'float32',
+    (2, 10),
+    _cnn_count([40], 1, (4, 8), 16, 10, kernel=5),
+  ),
+  (
+    'cnn_2d',
+    models.CNN(channels=(4, 8), dense=16),
+    lambda: torch_models.CNN((8, 8, 1), channels=(4, 8), dense=16),
+    (2, 8, 8, 1),
+    'float32',
+    (2, 10),
+    _cnn_count([8, 8], 1, (4, 8), 16, 10, kernel=3),
+  ),
+  (
+    'resnet18',
+    models.ResNet18(widths=(4, 8, 8, 16)),
+    lambda: torch_models.ResNet18(widths=(4, 8, 8, 16)),
+    (2, 8, 8, 3),
+    'float32',
+    (2, 10),
+    _resnet18_count((4, 8, 8, 16), 10),
+  ),
+  (
+    'gpt',
+    models.GPT(vocab_size=11, seq_len=8, d_model=16, n_layer=2, n_head=2),
+    lambda: torch_models.GPT(11, 8, d_model=16, n_layer=2, n_head=2),
+    (2, 8),
+    'int32',
+    (2, 8, 11),
+    _gpt_count(11, 8, 16, 2),
+  ),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -109,7 +143,9 @@ def test_full_size_param_counts_match_the_published_architectures():
 
 
 @pytest.mark.parametrize('name, model, torch_ctor, shape, dtype, out_shape, count', CASES, ids=IDS)
-def test_torch_twin_has_the_same_output_shape_and_param_count(name, model, torch_ctor, shape, dtype, out_shape, count):
+def test_torch_twin_has_the_same_output_shape_and_param_count(
+  name, model, torch_ctor, shape, dtype, out_shape, count
+):
   torch_model = torch_ctor()
   x = _inputs(shape, dtype)
   with torch.no_grad():
@@ -121,7 +157,9 @@ def test_torch_twin_has_the_same_output_shape_and_param_count(name, model, torch
 
 
 @pytest.mark.parametrize('name, model, _, shape, dtype, out_shape, count', CASES, ids=IDS)
-def test_one_f3eo_step_changes_params_and_stays_finite(name, model, _, shape, dtype, out_shape, count):
+def test_one_f3eo_step_changes_params_and_stays_finite(
+  name, model, _, shape, dtype, out_shape, count
+):
   x = jnp.asarray(_inputs(shape, dtype))
   labels = jnp.asarray(_inputs(shape, 'int32', seed=1)) if name == 'gpt' else jnp.array([1, 3])
   variables = _random_variables(model, x)
@@ -131,7 +169,7 @@ def test_one_f3eo_step_changes_params_and_stays_finite(name, model, _, shape, dt
   def obj_fn(p):
     v = {'params': p} if batch_stats is None else {'params': p, 'batch_stats': batch_stats}
     logits, new_state = model.apply(
-        v, x, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key}
+      v, x, train=True, mutable=['batch_stats'], rngs={'dropout': dropout_key}
     )
     return models.cross_entropy(logits, labels), new_state
 
@@ -149,12 +187,16 @@ def test_one_f3eo_step_changes_params_and_stays_finite(name, model, _, shape, dt
   assert np.isfinite(float(loss))
   leaves_old, leaves_new = jax.tree.leaves(params), jax.tree.leaves(new_params)
   assert all(np.all(np.isfinite(np.asarray(p))) for p in leaves_new)
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves_old, leaves_new))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(leaves_old, leaves_new)
+  )
   diag = f3eo_jax.diagnostics(state)
   assert all(np.isfinite(float(v)) for v in diag.values())
   assert float(diag['grad_sq_norm']) > 0
   if batch_stats is not None:  # train mode updated the running statistics
-    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), batch_stats, new_model_state['batch_stats'])
+    changed = jax.tree.map(
+      lambda a, b: not np.allclose(a, b), batch_stats, new_model_state['batch_stats']
+    )
     assert any(jax.tree.leaves(changed))
 
 
@@ -164,7 +206,9 @@ def test_cnn_dropout_is_active_only_in_train_mode():
   variables = _random_variables(model, x)
   apply = jax.jit(model.apply, static_argnames=('train', 'mutable'))
   np.testing.assert_array_equal(apply(variables, x), apply(variables, x))
-  train = lambda k: apply(variables, x, train=True, mutable=('batch_stats',), rngs={'dropout': jax.random.key(k)})[0]
+  train = lambda k: apply(
+    variables, x, train=True, mutable=('batch_stats',), rngs={'dropout': jax.random.key(k)}
+  )[0]
   assert not np.allclose(train(0), train(1))
 
 

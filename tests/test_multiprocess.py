@@ -56,16 +56,16 @@ def _free_loopback_port() -> int:
 def _worker_env() -> dict[str, str]:
   """This environment without inherited device, cluster or proxy settings."""
   env = {
-      k: v
-      for k, v in os.environ.items()
-      if not (k == 'XLA_FLAGS' or k.startswith('JAX_') or 'proxy' in k.lower())
+    k: v
+    for k, v in os.environ.items()
+    if not (k == 'XLA_FLAGS' or k.startswith('JAX_') or 'proxy' in k.lower())
   }
   flags = ['--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true']
   jaxlib = tuple(int(v) for v in importlib.metadata.version('jaxlib').split('.')[:2])
   if jaxlib >= (0, 9):
     flags += [
-        f'--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}',
-        f'--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}',
+      f'--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}',
+      f'--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}',
     ]
   env['XLA_FLAGS'] = ' '.join(flags)
   env['JAX_PLATFORMS'] = 'cpu'
@@ -73,9 +73,9 @@ def _worker_env() -> dict[str, str]:
 
 
 def run_cluster(
-    make_command: Callable[[str, int], list[str]],
-    workdir: pathlib.Path,
-    timeout_s: float = TIMEOUT_S,
+  make_command: Callable[[str, int], list[str]],
+  workdir: pathlib.Path,
+  timeout_s: float = TIMEOUT_S,
 ) -> tuple[list[int | None], list[str]]:
   """Starts ``make_command(coordinator, process_id)`` for each process and waits, bounded.
 
@@ -91,7 +91,7 @@ def run_cluster(
   try:
     for i, log in enumerate(logs):
       procs.append(
-          problem.start(make_command(coordinator, i), log, cwd=WORKER.parents[1], env=_worker_env())
+        problem.start(make_command(coordinator, i), log, cwd=WORKER.parents[1], env=_worker_env())
       )
     deadline = time.monotonic() + timeout_s
     codes = []
@@ -114,8 +114,7 @@ def run_two_processes(make_command, workdir: pathlib.Path, timeout_s: float = TI
     if codes == [0] * NUM_PROCESSES or not any(map(_bind_failed, logs)):
       break
   report = '\n'.join(
-      f'--- process {i} (exit {c}) ---\n{log[-4000:]}'
-      for i, (c, log) in enumerate(zip(codes, logs))
+    f'--- process {i} (exit {c}) ---\n{log[-4000:]}' for i, (c, log) in enumerate(zip(codes, logs))
   )
   assert codes == [0] * NUM_PROCESSES, f'two-process run failed:\n{report}'
 
@@ -133,15 +132,15 @@ def processes(tmp_path_factory):
 
   def produce(path):
     run_two_processes(
-        lambda coordinator, i: [
-            sys.executable,
-            str(WORKER),
-            coordinator,
-            str(NUM_PROCESSES),
-            str(i),
-            out,
-        ],
-        workdir,
+      lambda coordinator, i: [
+        sys.executable,
+        str(WORKER),
+        coordinator,
+        str(NUM_PROCESSES),
+        str(i),
+        out,
+      ],
+      workdir,
     )
     results = [json.loads(pathlib.Path(out.format(i)).read_text()) for i in range(NUM_PROCESSES)]
     path.write_text(json.dumps(results))
@@ -194,7 +193,7 @@ def test_fsdp_keeps_params_and_moments_sharded(processes, name):
 @pytest.mark.parametrize('layout', LAYOUTS)
 @pytest.mark.parametrize('name', problem.OPTIMIZERS)
 def test_wrong_obj_fn_drops_the_meta_term_and_raises_on_the_host(
-    processes, reference, layout, name
+  processes, reference, layout, name
 ):
   """An obj_fn of another batch: the step returns an AdamW step on g, then the host raises."""
   reference = reference[name]
@@ -211,17 +210,17 @@ README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 # README snippets that this module runs on two processes are marked (test_readme.py skips them)
 # <!-- readme-test: skip (two processes: tests/test_multiprocess.py runs it) -->
 _BLOCK = re.compile(
-    r'(?:<!--\s*readme-test:\s*(?P<directive>[^>]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)```',
-    re.DOTALL,
+  r'(?:<!--\s*readme-test:\s*(?P<directive>[^>]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)```',
+  re.DOTALL,
 )
 
 
 def multi_host_recipes(text: str) -> list[str]:
   """The README's python snippets whose readme-test directive names this module."""
   return [
-      m.group('code')
-      for m in _BLOCK.finditer(text)
-      if 'test_multiprocess.py' in (m.group('directive') or '')
+    m.group('code')
+    for m in _BLOCK.finditer(text)
+    if 'test_multiprocess.py' in (m.group('directive') or '')
   ]
 
 
@@ -233,16 +232,16 @@ def test_readme_multi_host_recipe_runs_on_two_processes(tmp_path):
     script = tmp_path / f'recipe_{k}.py'
     script.write_text(code, encoding='utf-8')
     run_two_processes(
-        lambda coordinator, i, script=script: [
-            sys.executable,
-            str(WORKER),
-            '--script',
-            str(script),
-            coordinator,
-            str(NUM_PROCESSES),
-            str(i),
-        ],
-        tmp_path,
+      lambda coordinator, i, script=script: [
+        sys.executable,
+        str(WORKER),
+        '--script',
+        str(script),
+        coordinator,
+        str(NUM_PROCESSES),
+        str(i),
+      ],
+      tmp_path,
     )
 
 
@@ -272,7 +271,7 @@ def test_a_hung_run_is_killed_with_everything_it_started(tmp_path):
   pid_files = [tmp_path / f'child_{i}.pid' for i in range(NUM_PROCESSES)]
   start = time.monotonic()
   codes, _ = run_cluster(
-      lambda _, i: [sys.executable, '-c', _HANG, str(pid_files[i])], tmp_path, timeout_s=3
+    lambda _, i: [sys.executable, '-c', _HANG, str(pid_files[i])], tmp_path, timeout_s=3
   )
   assert codes == [None] * NUM_PROCESSES
   assert time.monotonic() - start < 30

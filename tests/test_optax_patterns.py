@@ -48,7 +48,7 @@ def test_optimizer_reaches_the_optimum_of_optax_targets(name):
   for (target, dtype), run in targets.runs(name).items():
     assert run.params.dtype == np.dtype(dtype)
     np.testing.assert_allclose(
-        run.params, run.final_params, rtol=3e-2, atol=3e-2, err_msg=f'{target} {dtype}'
+      run.params, run.final_params, rtol=3e-2, atol=3e-2, err_msg=f'{target} {dtype}'
     )
 
 
@@ -92,17 +92,17 @@ def test_uncapped_rule_on_rosenbrock_stays_finite_descends_then_stalls_off_the_o
 def _params(dtype=jnp.float32):
   rng = np.random.default_rng(0)
   return [
-      jnp.asarray(rng.normal(size=(2, 3)), dtype),
-      jnp.asarray(rng.normal(size=(2, 5, 2)), dtype),
+    jnp.asarray(rng.normal(size=(2, 3)), dtype),
+    jnp.asarray(rng.normal(size=(2, 5, 2)), dtype),
   ]
 
 
 def _objective(params):
   w, v = params
   return (
-      jnp.sum(jnp.log1p((w - 0.5) ** 2))
-      + 0.25 * jnp.sum((v + 0.3) ** 4)
-      + 0.1 * jnp.sum(w) * jnp.sum(v)
+    jnp.sum(jnp.log1p((w - 0.5) ** 2))
+    + 0.25 * jnp.sum((v + 0.3) ** 4)
+    + 0.1 * jnp.sum(w) * jnp.sum(v)
   )
 
 
@@ -113,11 +113,11 @@ def _jitted_step(tx):
   def step(params, state):
     grads = jax.grad(_objective)(params)
     updates, state = tx.update(
-        grads,
-        state,
-        params,
-        obj_fn=_objective,
-        unexpected_extra_args_your_optimizer_doesnt_expect=1,
+      grads,
+      state,
+      params,
+      obj_fn=_objective,
+      unexpected_extra_args_your_optimizer_doesnt_expect=1,
     )
     return optax.apply_updates(params, updates), state, updates
 
@@ -209,10 +209,10 @@ def test_inject_hyperparams_gives_the_same_step_and_its_hyperparams_are_live(nam
   # Decoupled weight decay adds exactly −lr·Δwd·p.
   if 'weight_decay' in hyperparams:
     _assert_trees_close(
-        jax.tree.map(jnp.subtract, decayed_updates, injected_updates),
-        jax.tree.map(lambda p: -lr * 0.5 * p, params),
-        rtol=1e-4,
-        atol=1e-8,
+      jax.tree.map(jnp.subtract, decayed_updates, injected_updates),
+      jax.tree.map(lambda p: -lr * 0.5 * p, params),
+      rtol=1e-4,
+      atol=1e-8,
     )
   # meta_coef = 0 leaves the moment estimator alone: optax's own optimizer on g.
   if 'meta_coef' in hyperparams:
@@ -239,7 +239,7 @@ def test_updates_and_state_keep_their_dtypes(name, dtype):
   state = tx.init(params)
 
   updates, new_state = jax.eval_shape(
-      lambda g, s: tx.update(g, s, params, obj_fn=_square), grads, state
+    lambda g, s: tx.update(g, s, params, obj_fn=_square), grads, state
   )
 
   assert updates.dtype == params.dtype
@@ -261,7 +261,7 @@ def test_mu_dtype_sets_the_dtype_of_the_first_moment(name):
   tx = targets.make(name, mu_dtype='bfloat16')
   params = _params()
   updates, state = jax.eval_shape(
-      lambda p: tx.update(jax.grad(_objective)(p), tx.init(p), p, obj_fn=_objective), params
+    lambda p: tx.update(jax.grad(_objective)(p), tx.init(p), p, obj_fn=_objective), params
   )
   assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(optax.tree.get(state, 'mu')))
   assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
@@ -283,9 +283,9 @@ def test_state_shape_and_dtype_are_stable_under_lax_cond(name):
         grads = jax.tree.map(jnp.conj, jax.grad(objective)(params))
         cond = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
         updates, state = jax.lax.cond(
-            cond,
-            lambda: tx.update(grads, state, params, obj_fn=objective),
-            lambda: (params, state),
+          cond,
+          lambda: tx.update(grads, state, params, obj_fn=objective),
+          lambda: (params, state),
         )
         return optax.apply_updates(params, updates), state
 
@@ -337,7 +337,7 @@ def test_multisteps_with_identical_micro_batches_equals_one_step(name):
   diagnostics = f3eo_jax.diagnostics(state)
   assert diagnostics['mismatch_count'] == 0 and diagnostics['meta_norm'] > 0
   np.testing.assert_allclose(
-      diagnostics['meta_norm'], f3eo_jax.diagnostics(expected_state)['meta_norm'], rtol=1e-5
+    diagnostics['meta_norm'], f3eo_jax.diagnostics(expected_state)['meta_norm'], rtol=1e-5
   )
 
 
@@ -348,14 +348,14 @@ def test_multisteps_with_identical_micro_batches_equals_one_step(name):
 def _mlp_problem():
   rng = np.random.default_rng(1)
   params = {
-      'hidden': {
-          'b': jnp.asarray(rng.normal(size=4), jnp.float32),
-          'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-      },
-      'out': {
-          'b': jnp.asarray(rng.normal(size=2), jnp.float32),
-          'w': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
-      },
+    'hidden': {
+      'b': jnp.asarray(rng.normal(size=4), jnp.float32),
+      'w': jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+    },
+    'out': {
+      'b': jnp.asarray(rng.normal(size=2), jnp.float32),
+      'w': jnp.asarray(rng.normal(size=(4, 2)), jnp.float32),
+    },
   }
   x, y = jnp.asarray(rng.normal(size=(16, 3)), jnp.float32), jnp.asarray(rng.normal(size=(16, 2)))
 
@@ -388,9 +388,9 @@ def test_f3eo_with_meta_coef_zero_is_exactly_optax_adamw():
   options = dict(b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.03)
 
   f3eo, adamw = _trajectories(
-      loss_fn,
-      params,
-      [f3eo_jax.f3eo(schedule, meta_coef=0.0, **options), optax.adamw(schedule, **options)],
+    loss_fn,
+    params,
+    [f3eo_jax.f3eo(schedule, meta_coef=0.0, **options), optax.adamw(schedule, **options)],
   )
 
   for a, b in zip(f3eo, adamw):
@@ -402,21 +402,21 @@ def test_f3eo_with_meta_coef_zero_is_exactly_optax_adamw():
 def test_weight_decay_mask_has_optax_adamw_mask_meaning(mask_kind):
   params, loss_fn = _mlp_problem()
   mask = {
-      'bool_tree': {'hidden': {'b': False, 'w': True}, 'out': {'b': False, 'w': True}},
-      'callable': lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+    'bool_tree': {'hidden': {'b': False, 'w': True}, 'out': {'b': False, 'w': True}},
+    'callable': lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
   }[mask_kind]
   no_meta = jax.tree.map(lambda _: False, params)
   lr, wd = 0.05, 0.5
 
   f3eo, reference, adamw, unmasked = _trajectories(
-      loss_fn,
-      params,
-      [
-          f3eo_jax.f3eo(lr, weight_decay=wd, meta_coef=0.0, weight_decay_mask=mask),
-          f3eo_jax.f3eo_reference(lr, weight_decay=wd, weight_decay_mask=mask, meta_mask=no_meta),
-          optax.adamw(lr, weight_decay=wd, mask=mask),
-          optax.adamw(lr, weight_decay=wd),
-      ],
+    loss_fn,
+    params,
+    [
+      f3eo_jax.f3eo(lr, weight_decay=wd, meta_coef=0.0, weight_decay_mask=mask),
+      f3eo_jax.f3eo_reference(lr, weight_decay=wd, weight_decay_mask=mask, meta_mask=no_meta),
+      optax.adamw(lr, weight_decay=wd, mask=mask),
+      optax.adamw(lr, weight_decay=wd),
+    ],
   )
 
   # To the last bit but one: XLA may fuse AdamW's arithmetic differently inside the two

@@ -9,12 +9,11 @@ from __future__ import annotations
 import functools
 
 import hypothesis
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import f3eo_jax
 
@@ -29,7 +28,7 @@ _coefs = st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False)
 
 def _trees(dtype=np.float64):
   return st.fixed_dictionaries(
-      {name: hnp.arrays(dtype, shape, elements=_values) for name, shape in SHAPES.items()}
+    {name: hnp.arrays(dtype, shape, elements=_values) for name, shape in SHAPES.items()}
   )
 
 
@@ -40,9 +39,9 @@ def _effective_gradient(projection, clipped=False, zero_coef=False):
   @jax.jit
   def effective_gradient(g, hg, meta_coef, meta_clip_norm):
     tx = f3eo_jax.add_meta_gradient(
-        0.0 if zero_coef else meta_coef,
-        projection=projection,
-        meta_clip_norm=meta_clip_norm if clipped else None,
+      0.0 if zero_coef else meta_coef,
+      projection=projection,
+      meta_clip_norm=meta_clip_norm if clipped else None,
     )
     e, _ = tx.update(g, tx.init(g), None, hvp_fn=lambda tangent: hg)
     return e
@@ -89,7 +88,7 @@ def test_meta_term_is_orthogonal_to_the_gradient_per_leaf(g, hg, meta_coef):
 @pytest.mark.parametrize('projection', PROJECTIONS)
 @SETTINGS
 @hypothesis.given(
-    g=_trees(), hg=_trees(), meta_coef=_coefs, factor=st.floats(-4.0, 4.0, allow_nan=False)
+  g=_trees(), hg=_trees(), meta_coef=_coefs, factor=st.floats(-4.0, 4.0, allow_nan=False)
 )
 def test_meta_term_scales_linearly_with_meta_coef(projection, g, hg, meta_coef, factor):
   m = _meta_term(g, hg, meta_coef, projection)
@@ -101,11 +100,9 @@ def test_meta_term_scales_linearly_with_meta_coef(projection, g, hg, meta_coef, 
 
 @pytest.mark.parametrize('projection', PROJECTIONS)
 @SETTINGS
-@hypothesis.given(
-    g=_trees(), hg=_trees(), meta_coef=_coefs, meta_clip_norm=st.floats(1e-3, 10.0)
-)
+@hypothesis.given(g=_trees(), hg=_trees(), meta_coef=_coefs, meta_clip_norm=st.floats(1e-3, 10.0))
 def test_projected_meta_term_never_exceeds_meta_clip_norm(
-    projection, g, hg, meta_coef, meta_clip_norm
+  projection, g, hg, meta_coef, meta_clip_norm
 ):
   m = _meta_term(g, hg, meta_coef, projection, meta_clip_norm)
 
@@ -128,13 +125,13 @@ def test_zero_meta_coef_returns_the_gradient_bitwise(projection, g, hg):
 
 _TINY, _HUGE = float(np.float32(1e-20)), float(np.float32(1e20))
 _wide_values = st.one_of(
-    st.just(0.0), st.floats(_TINY, _HUGE, width=32), st.floats(-_HUGE, -_TINY, width=32)
+  st.just(0.0), st.floats(_TINY, _HUGE, width=32), st.floats(-_HUGE, -_TINY, width=32)
 )
 
 
 def _wide_trees():
   return st.fixed_dictionaries(
-      {name: hnp.arrays(np.float32, shape, elements=_wide_values) for name, shape in SHAPES.items()}
+    {name: hnp.arrays(np.float32, shape, elements=_wide_values) for name, shape in SHAPES.items()}
   )
 
 
@@ -143,7 +140,7 @@ def _capped_effective_gradient(projection):
   @jax.jit
   def effective_gradient(g, hg, meta_coef, meta_max_ratio):
     tx = f3eo_jax.add_meta_gradient(
-        meta_coef, projection=projection, meta_max_ratio=meta_max_ratio, check_consistency=None
+      meta_coef, projection=projection, meta_max_ratio=meta_max_ratio, check_consistency=None
     )
     e, state = tx.update(g, tx.init(g), None, hvp_fn=lambda tangent: hg)
     return e, f3eo_jax.diagnostics(state)['nonfinite_count']
@@ -153,11 +150,9 @@ def _capped_effective_gradient(projection):
 
 @pytest.mark.parametrize('projection', PROJECTIONS)
 @SETTINGS
-@hypothesis.given(
-    g=_wide_trees(), hg=_wide_trees(), meta_coef=_coefs, rho=st.floats(0.0, 2.0)
-)
+@hypothesis.given(g=_wide_trees(), hg=_wide_trees(), meta_coef=_coefs, rho=st.floats(0.0, 2.0))
 def test_capped_step_is_within_atan_rho_of_the_gradient_in_float32(
-    projection, g, hg, meta_coef, rho
+  projection, g, hg, meta_coef, rho
 ):
   e, nonfinite = _capped_effective_gradient(projection)(g, hg, meta_coef, rho)
   e = {k: np.asarray(v, np.float64) for k, v in e.items()}
@@ -167,7 +162,7 @@ def test_capped_step_is_within_atan_rho_of_the_gradient_in_float32(
   assert nonfinite == 0 and all(np.isfinite(v).all() for v in e.values())
   segments = [list(g)] if projection == 'global' else [[k] for k in g]
   for keys in segments:
-    sub = lambda t: {k: t[k] for k in keys}
+    sub = lambda t, keys=keys: {k: t[k] for k in keys}
     g_norm = _norm(sub(g64))
     # float32 rounding of e = g + m⊥ itself: a few ulps of the larger of the two.
     # (Measured worst cases over these examples: ⟨m⊥, g⟩ ≈ 1.3e-7·‖g‖², cos short by 3e-8.)

@@ -17,14 +17,14 @@ import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 _BLOCK = re.compile(
-    r'(?:<!--\s*readme-test:\s*(?P<directive>[^>]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)```',
-    re.DOTALL,
+  r'(?:<!--\s*readme-test:\s*(?P<directive>[^>]*?)\s*-->\s*\n)?```python\n(?P<code>.*?)```',
+  re.DOTALL,
 )
 
 
 def _snippets():
   text = README.read_text(encoding='utf-8')
-  for i, match in enumerate(_BLOCK.finditer(text)):
+  for match in _BLOCK.finditer(text):
     line = text[: match.start()].count('\n') + 1
     yield pytest.param(match.group('directive') or '', match.group('code'), id=f'line{line}')
 
@@ -45,7 +45,11 @@ def test_readme_snippet_runs(directive, code, tmp_path):
   script = tmp_path / 'snippet.py'
   script.write_text(code, encoding='utf-8')
   result = subprocess.run(
-      [sys.executable, str(script)], cwd=README.parent, env=env,
-      capture_output=True, text=True, timeout=600,
+    [sys.executable, str(script)],
+    cwd=README.parent,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert result.returncode == 0, f'snippet failed:\n{code}\n--- stderr ---\n{result.stderr[-4000:]}'

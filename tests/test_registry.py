@@ -42,7 +42,7 @@ def test_grid_names_and_options():
     for projection in ('global', 'per_leaf'):
       v = registry.get(f'f3eo_{sign}_uncapped_{projection}')
       assert v.options == dict(
-          meta_coef=meta_coef, projection=projection, meta_clip_norm=None, meta_max_ratio=None
+        meta_coef=meta_coef, projection=projection, meta_clip_norm=None, meta_max_ratio=None
       )
       assert registry.get(f'f3eo_{sign}_clip1_{projection}').options['meta_clip_norm'] == 1.0
       for rho in (0.03, 0.1, 0.3, 1.0):
@@ -60,20 +60,19 @@ def test_library_default_passes_no_meta_options_and_grid_passes_the_cap(monkeypa
   registry.make('f3eo_theory_uncapped_global', 1e-3)
   assert calls[0] == {'weight_decay': 0.5}
   assert (
-      calls[1]['meta_max_ratio'] is None
-      and calls[1]['weight_decay'] == registry.DEFAULT_WEIGHT_DECAY
+    calls[1]['meta_max_ratio'] is None and calls[1]['weight_decay'] == registry.DEFAULT_WEIGHT_DECAY
   )
 
 
 @pytest.mark.parametrize(
-    'name, option',
-    [
-        ('adamw', 'hvp_every'),
-        ('adamw_wd', 'check_consistency'),
-        ('sgd', 'meta_mask'),
-        ('f3eo_reference', 'hvp_every'),
-        ('f3eo_reference', 'meta_max_ratio'),
-    ],
+  'name, option',
+  [
+    ('adamw', 'hvp_every'),
+    ('adamw_wd', 'check_consistency'),
+    ('sgd', 'meta_mask'),
+    ('f3eo_reference', 'hvp_every'),
+    ('f3eo_reference', 'meta_max_ratio'),
+  ],
 )
 def test_make_rejects_options_the_variant_would_ignore(name, option):
   with pytest.raises(ValueError, match=f'{name}.*{option}'):
@@ -94,8 +93,8 @@ def test_f3eo_variants_accept_the_library_options():
     accepted = set(registry.get(name).accepts)
     assert {'hvp_every', 'check_consistency', 'meta_mask'} <= accepted
   library = set(inspect.signature(f3eo_jax.f3eo_reference).parameters) - {
-      'learning_rate',
-      'weight_decay',
+    'learning_rate',
+    'weight_decay',
   }
   assert set(registry.get('f3eo_reference').accepts) == library
   derived = registry.get('f3eo_theory_rho0.1_global').with_overrides(hvp_every=10)
@@ -129,7 +128,7 @@ def test_adamw_wd_sweep_carries_weight_decay_and_task_scaling():
   assert {c.learning_rate for c in candidates} == {0.5 * lr for lr in registry.ADAM_SWEEP}
   assert all(c.weight_decay is None for c in registry.get('adamw').candidates())
   assert (
-      registry.get('sgd').sweep == registry.SGD_SWEEP and not registry.get('sgd').has_weight_decay
+    registry.get('sgd').sweep == registry.SGD_SWEEP and not registry.get('sgd').has_weight_decay
   )
 
 

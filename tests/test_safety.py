@@ -97,8 +97,8 @@ def _dense_effective_gradient(loss_fn, params, **options):
 
 _RNG = np.random.default_rng(0)
 _MLP_PARAMS = {
-    'hidden': {'b': 0.5 * _RNG.normal(size=4), 'w': _RNG.normal(size=(3, 4)) / np.sqrt(3)},
-    'out': {'b': 0.5 * _RNG.normal(size=3), 'w': _RNG.normal(size=(4, 3)) / 2.0},
+  'hidden': {'b': 0.5 * _RNG.normal(size=4), 'w': _RNG.normal(size=(3, 4)) / np.sqrt(3)},
+  'out': {'b': 0.5 * _RNG.normal(size=3), 'w': _RNG.normal(size=(4, 3)) / 2.0},
 }
 _MLP_BATCHES = [(_RNG.normal(size=(8, 3)), _RNG.integers(0, 3, 8)) for _ in range(4)]
 
@@ -182,8 +182,8 @@ def _nan_second_derivative_problem():
 
 
 NON_FINITE_PROBLEMS = {
-    'float16_overflow': _float16_overflow_problem(),
-    'nan_second_derivative': _nan_second_derivative_problem(),
+  'float16_overflow': _float16_overflow_problem(),
+  'nan_second_derivative': _nan_second_derivative_problem(),
 }
 
 
@@ -279,13 +279,13 @@ _INJECTED = optax.inject_hyperparams(f3eo_jax.f3eo)(learning_rate=LEARNING_RATE,
 _INJECTED_STEP = _update_step(_INJECTED)
 
 INVALID_INJECTIONS = [
-    ('meta_clip_norm', -1.0),
-    ('meta_clip_norm', 0.0),
-    ('meta_clip_norm', math.nan),
-    ('meta_coef', math.nan),
-    ('meta_coef', math.inf),
-    ('meta_max_ratio', -0.5),
-    ('meta_max_ratio', math.nan),
+  ('meta_clip_norm', -1.0),
+  ('meta_clip_norm', 0.0),
+  ('meta_clip_norm', math.nan),
+  ('meta_coef', math.nan),
+  ('meta_coef', math.inf),
+  ('meta_max_ratio', -0.5),
+  ('meta_max_ratio', math.nan),
 ]
 
 
@@ -313,11 +313,11 @@ def test_a_valid_injected_hyperparameter_is_live():
 
   # The dense rule with the injected values, then AdamW on that e.
   expected_e, _, _ = _dense_effective_gradient(
-      lambda p: _mlp_loss(p, batch),
-      params,
-      meta_coef=0.5,
-      meta_clip_norm=1.0,
-      meta_max_ratio=f3eo_jax.DEFAULT_META_MAX_RATIO,
+    lambda p: _mlp_loss(p, batch),
+    params,
+    meta_coef=0.5,
+    meta_clip_norm=1.0,
+    meta_max_ratio=f3eo_jax.DEFAULT_META_MAX_RATIO,
   )
   _, unravel = jax.flatten_util.ravel_pytree(params)
   _assert_adamw_on(unravel(jnp.asarray(expected_e, jnp.float32)), params, new_params, state)
@@ -366,7 +366,7 @@ def test_accumulated_value_grad_and_hvp_matches_one_full_batch_f3eo_step_over_th
   @jax.jit
   def both_steps(acc_params, acc_state, full_params, full_state):
     loss, grads, hvp_fn = f3eo_jax.accumulated_value_grad_and_hvp(
-        _mlp_loss, acc_params, microbatches
+      _mlp_loss, acc_params, microbatches
     )
     updates, acc_state = tx.update(grads, acc_state, acc_params, hvp_fn=hvp_fn)
     acc = (optax.apply_updates(acc_params, updates), acc_state, loss)
@@ -379,7 +379,7 @@ def test_accumulated_value_grad_and_hvp_matches_one_full_batch_f3eo_step_over_th
   full_params, full_state = params, tx.init(params)
   for _ in range(3):
     (acc_params, acc_state, acc_loss), (full_params, full_state, full_loss) = both_steps(
-        acc_params, acc_state, full_params, full_state
+      acc_params, acc_state, full_params, full_state
     )
 
     np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-6)
@@ -402,7 +402,7 @@ def test_accumulated_hvp_fn_is_the_full_batch_hessian_times_v(x64):
   @jax.jit
   def accumulated(params, v):
     loss, grads, hvp_fn = f3eo_jax.accumulated_value_grad_and_hvp(
-        _mlp_loss, params, _stacked(micro)
+      _mlp_loss, params, _stacked(micro)
     )
     return loss, grads, hvp_fn(v)
 
@@ -438,10 +438,10 @@ def _complex_meta_step(projection, clipped_and_capped):
   @jax.jit
   def step(params, meta_coef, meta_clip_norm, meta_max_ratio):
     tx = f3eo_jax.add_meta_gradient(
-        meta_coef,
-        projection=projection,
-        meta_clip_norm=meta_clip_norm if clipped_and_capped else None,
-        meta_max_ratio=meta_max_ratio if clipped_and_capped else None,
+      meta_coef,
+      projection=projection,
+      meta_clip_norm=meta_clip_norm if clipped_and_capped else None,
+      meta_max_ratio=meta_max_ratio if clipped_and_capped else None,
     )
     # Optax's convention for complex leaves: the update direction is conj(jax.grad).
     g = jax.tree.map(jnp.conj, jax.grad(_complex_loss)(params))
@@ -454,12 +454,12 @@ def _complex_meta_step(projection, clipped_and_capped):
 @pytest.mark.parametrize('projection', ['global', 'per_leaf'])
 @pytest.mark.parametrize('clipped_and_capped', [False, True], ids=['plain', 'clipped_capped'])
 def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
-    x64, projection, clipped_and_capped
+  x64, projection, clipped_and_capped
 ):
   rng = np.random.default_rng(12)
   params = {
-      'w': jnp.asarray(rng.normal(size=2)),
-      'z': jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),
+    'w': jnp.asarray(rng.normal(size=2)),
+    'z': jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),
   }
   pair = {'w': params['w'], 'z': jnp.stack([params['z'].real, params['z'].imag])}
   reference = dense_derivatives(_real_pair_loss, pair)  # raveled: w (2), Re z (3), Im z (3)
@@ -472,22 +472,22 @@ def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
     if clipped_and_capped:  # both bind: the clip at 0.3·‖c·H·g‖, the cap at a fifth of ‖m⊥‖/‖g‖
       clip = 0.3 * abs(meta_coef) * hg_norm
       clipped_e, _ = meta_gradient_reference(
-          reference.hessian,
-          reference.grad,
-          sizes,
-          meta_coef=meta_coef,
-          projection=projection,
-          meta_clip_norm=clip,
-      )
-      cap = np.linalg.norm(clipped_e - reference.grad) / np.linalg.norm(reference.grad) / 5
-    expected_e, expected_diagnostics = meta_gradient_reference(
         reference.hessian,
         reference.grad,
         sizes,
         meta_coef=meta_coef,
         projection=projection,
         meta_clip_norm=clip,
-        meta_max_ratio=cap,
+      )
+      cap = np.linalg.norm(clipped_e - reference.grad) / np.linalg.norm(reference.grad) / 5
+    expected_e, expected_diagnostics = meta_gradient_reference(
+      reference.hessian,
+      reference.grad,
+      sizes,
+      meta_coef=meta_coef,
+      projection=projection,
+      meta_clip_norm=clip,
+      meta_max_ratio=cap,
     )
 
     g, e, diagnostics = step(params, meta_coef, clip or 0.0, cap or 0.0)
@@ -496,12 +496,12 @@ def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
     np.testing.assert_allclose(_leaves64(g), reference.grad, rtol=1e-12, atol=1e-14)
     assert e['z'].dtype == jnp.complex128 and e['w'].dtype == jnp.float64
     np.testing.assert_allclose(
-        e['z'], expected_e[2:5] + 1j * expected_e[5:8], rtol=1e-9, atol=1e-12
+      e['z'], expected_e[2:5] + 1j * expected_e[5:8], rtol=1e-9, atol=1e-12
     )
     np.testing.assert_allclose(e['w'], expected_e[:2], rtol=1e-9, atol=1e-12)
     for name in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm', 'cos_g_hg', 'cap_scale'):
       np.testing.assert_allclose(
-          diagnostics[name], expected_diagnostics[name], rtol=1e-5, atol=1e-9, err_msg=name
+        diagnostics[name], expected_diagnostics[name], rtol=1e-5, atol=1e-9, err_msg=name
       )
     assert int(diagnostics['cap_count']) == int(expected_diagnostics['cap_bound'])
     assert expected_diagnostics['cap_bound'] == clipped_and_capped
@@ -536,23 +536,23 @@ def _diagonal_loss(p, c, h):
 
 
 MAGNITUDE_RULES = {
-    'unclipped': {},
-    'clipped': {'meta_clip_norm': 2.0},
-    'capped': {'meta_max_ratio': 0.1},
-    'per_leaf': {'projection': 'per_leaf'},
-    'per_leaf_capped': {'projection': 'per_leaf', 'meta_max_ratio': 0.1},
-    'published': {'meta_coef': -2.0, 'projection': 'per_leaf', 'meta_clip_norm': 1.0},
-    'unprojected_clipped': {'orthogonalize': False, 'meta_clip_norm': 2.0},
+  'unclipped': {},
+  'clipped': {'meta_clip_norm': 2.0},
+  'capped': {'meta_max_ratio': 0.1},
+  'per_leaf': {'projection': 'per_leaf'},
+  'per_leaf_capped': {'projection': 'per_leaf', 'meta_max_ratio': 0.1},
+  'published': {'meta_coef': -2.0, 'projection': 'per_leaf', 'meta_clip_norm': 1.0},
+  'unprojected_clipped': {'orthogonalize': False, 'meta_clip_norm': 2.0},
 }
 # g ≈ 1 with H·g ≈ 1e20..1e21 (squares beyond float32's 3.4e38), and g ≈ H·g ≈ 1e-30
 # (squares below its 1.2e-38). The clip's 1e-6 in ‖m‖ + 1e-6 makes a clipped term of
 # 1e-30 vanish by design, so the tiny case runs the rules without a clip.
 MAGNITUDES = {'huge_product': (1.0, 1e20), 'tiny_gradient': (1e-30, 1.0)}
 MAGNITUDE_CASES = [
-    (m, r)
-    for m in MAGNITUDES
-    for r in MAGNITUDE_RULES
-    if m == 'huge_product' or 'meta_clip_norm' not in MAGNITUDE_RULES[r]
+  (m, r)
+  for m in MAGNITUDES
+  for r in MAGNITUDE_RULES
+  if m == 'huge_product' or 'meta_clip_norm' not in MAGNITUDE_RULES[r]
 ]
 
 
@@ -587,7 +587,7 @@ def test_extreme_magnitudes_give_the_exact_meta_term(magnitude, rule):
   meta, expected_meta = _leaves64(e) - g64, expected_e - g64
   assert np.isfinite(_leaves64(e)).all()
   np.testing.assert_allclose(
-      meta, expected_meta, rtol=1e-5, atol=1e-6 * np.abs(expected_meta).max()
+    meta, expected_meta, rtol=1e-5, atol=1e-6 * np.abs(expected_meta).max()
   )
   assert np.linalg.norm(meta) > 0.05 * np.linalg.norm(g64)  # present, not dropped
   assert diagnostics['nonfinite_count'] == 0 and diagnostics['mismatch_count'] == 0
@@ -608,13 +608,13 @@ def test_extreme_magnitudes_give_the_exact_meta_term(magnitude, rule):
 # 6. Donation: every optimizer's fresh state can be donated.
 
 PUBLIC_OPTIMIZERS = {
-    'f3eo': lambda: f3eo_jax.f3eo(LEARNING_RATE),
-    'f3eo_hvp_every_3': lambda: f3eo_jax.f3eo(LEARNING_RATE, hvp_every=3),
-    'f3eo_reference': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE),
-    'f3eo_reference_amsgrad': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE, amsgrad=True),
-    'add_meta_gradient_adam': lambda: optax.chain(
-        f3eo_jax.add_meta_gradient(), optax.adam(LEARNING_RATE)
-    ),
+  'f3eo': lambda: f3eo_jax.f3eo(LEARNING_RATE),
+  'f3eo_hvp_every_3': lambda: f3eo_jax.f3eo(LEARNING_RATE, hvp_every=3),
+  'f3eo_reference': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE),
+  'f3eo_reference_amsgrad': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE, amsgrad=True),
+  'add_meta_gradient_adam': lambda: optax.chain(
+    f3eo_jax.add_meta_gradient(), optax.adam(LEARNING_RATE)
+  ),
 }
 
 
@@ -652,10 +652,10 @@ def test_obj_fn_returning_loss_and_aux_raises_naming_the_fix():
 
   with pytest.raises(TypeError, match=r'tuple of 2 items[\s\S]*loss_fn\(p\)\[0\]'):
     _traced_update(
-        tx,
-        params,
-        _mlp_grads(params, batch),
-        obj_fn=lambda p: (_mlp_loss(p, batch), {'accuracy': 1.0}),
+      tx,
+      params,
+      _mlp_grads(params, batch),
+      obj_fn=lambda p: (_mlp_loss(p, batch), {'accuracy': 1.0}),
     )
 
 
@@ -664,9 +664,9 @@ def test_f3eo_inside_an_optax_partitioner_fails_at_init_naming_meta_mask(wrapper
   labels = {'hidden': 'f3eo', 'out': 'adam'}
   transforms = {'f3eo': f3eo_jax.f3eo(LEARNING_RATE), 'adam': optax.adam(LEARNING_RATE)}
   tx = {
-      'masked': lambda: optax.masked(f3eo_jax.f3eo(LEARNING_RATE), {'hidden': True, 'out': False}),
-      'multi_transform': lambda: optax.multi_transform(transforms, labels),
-      'partition': lambda: optax.partition(transforms, labels),
+    'masked': lambda: optax.masked(f3eo_jax.f3eo(LEARNING_RATE), {'hidden': True, 'out': False}),
+    'multi_transform': lambda: optax.multi_transform(transforms, labels),
+    'partition': lambda: optax.partition(transforms, labels),
   }[wrapper]()
 
   with pytest.raises(TypeError, match=r'optax\.masked[\s\S]*meta_mask=') as info:
@@ -679,14 +679,14 @@ def test_flax_train_state_apply_gradients_with_obj_fn_names_the_f3eo_helper():
 
   params, batch = _mlp_params(), _mlp_batch(0)
   state = train_state.TrainState.create(
-      apply_fn=None, params=params, tx=f3eo_jax.f3eo(LEARNING_RATE)
+    apply_fn=None, params=params, tx=f3eo_jax.f3eo(LEARNING_RATE)
   )
 
   with pytest.raises(TypeError, match=r'f3eo_jax\.flax\.apply_gradients\(state, grads, obj_fn='):
     jax.eval_shape(
-        lambda s, g: s.apply_gradients(grads=g, obj_fn=lambda p: _mlp_loss(p, batch)),
-        state,
-        _mlp_grads(params, batch),
+      lambda s, g: s.apply_gradients(grads=g, obj_fn=lambda p: _mlp_loss(p, batch)),
+      state,
+      _mlp_grads(params, batch),
     )
 
 
@@ -712,7 +712,7 @@ def test_integer_and_bool_leaves_are_accepted_like_adamw_and_get_no_meta_term():
   assert e['flag'].dtype == jnp.bool_ and not bool(e['flag'])
   # The float leaves' meta term is that of the params without counters (dense reference).
   expected_e, expected_diagnostics, _ = _dense_effective_gradient(
-      lambda p: _mlp_loss(p, batch), params
+    lambda p: _mlp_loss(p, batch), params
   )
   np.testing.assert_allclose(_leaves64({k: e[k] for k in params}), expected_e, rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(diagnostics['meta_norm'], expected_diagnostics['meta_norm'], rtol=1e-5)
@@ -733,9 +733,9 @@ def test_clipping_before_the_meta_gradient_is_detected_and_the_message_names_cha
   _assert_adamw_on(clipped, params, new_params, state, rtol=1e-5, atol=1e-7)
   assert f3eo_jax.diagnostics(state)['mismatch_count'] == 1
   with pytest.raises(
-      f3eo_jax.GradientMismatchError,
-      match=r'before add_meta_gradient in an optax\.chain[\s\S]*clip_by_global_norm'
-      r'[\s\S]*put the meta-gradient first',
+    f3eo_jax.GradientMismatchError,
+    match=r'before add_meta_gradient in an optax\.chain[\s\S]*clip_by_global_norm'
+    r'[\s\S]*put the meta-gradient first',
   ):
     f3eo_jax.raise_on_mismatch(state)
 
@@ -748,7 +748,7 @@ def test_refresh_hvp_must_be_a_python_bool_and_needs_a_stored_product():
 
   with pytest.raises(TypeError, match=r'refresh_hvp must be a Python bool[\s\S]*hvp_every alone'):
     jax.eval_shape(
-        lambda r: tx.update(grads, tx.init(params), params, obj_fn=obj_fn, refresh_hvp=r), True
+      lambda r: tx.update(grads, tx.init(params), params, obj_fn=obj_fn, refresh_hvp=r), True
     )
   every_update = f3eo_jax.add_meta_gradient()
   for refresh in (True, False):

@@ -8,7 +8,6 @@ from benchmarks import registry, study, tasks
 
 
 class _Task:
-
   def __init__(self, higher_is_better):
     self.higher_is_better = higher_is_better
 
@@ -30,14 +29,14 @@ def test_prune_keeps_baselines_reference_uncapped_and_the_best_grid_variants():
   kept, ranks, rule = study.prune(screen, {'up': _Task(True), 'down': _Task(False)}, preset)
   names = [study.entry_name(e) for e in kept]
   expected_top = [
-      n for n in grid if n not in ('f3eo_theory_uncapped_global', 'f3eo_theory_clip1_global')
+    n for n in grid if n not in ('f3eo_theory_uncapped_global', 'f3eo_theory_clip1_global')
   ][:3]
   assert set(names) == {
-      *expected_top,
-      f'{expected_top[0]}+hvp_every=10',
-      'f3eo_reference',
-      'f3eo_theory_uncapped_global',
-      *registry.BASELINES,
+    *expected_top,
+    f'{expected_top[0]}+hvp_every=10',
+    'f3eo_reference',
+    'f3eo_theory_uncapped_global',
+    *registry.BASELINES,
   }
   assert ranks['f3eo_theory_clip1_global'] > ranks[expected_top[2]]
   assert 'mean rank' in rule

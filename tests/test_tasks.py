@@ -16,8 +16,8 @@ def test_friedman1_matches_its_formula_and_noise_is_standard_normal():
   x, y = tasks.friedman1(500, seed=3, noise=0.0)
   assert x.shape == (500, 10) and np.all((x >= 0) & (x < 1))
   formula = [
-      10 * math.sin(math.pi * r[0] * r[1]) + 20 * (r[2] - 0.5) ** 2 + 10 * r[3] + 5 * r[4]
-      for r in x.astype(float)
+    10 * math.sin(math.pi * r[0] * r[1]) + 20 * (r[2] - 0.5) ** 2 + 10 * r[3] + 5 * r[4]
+    for r in x.astype(float)
   ]
   np.testing.assert_allclose(y, formula, rtol=1e-5, atol=1e-4)
   x2, y2 = tasks.friedman1(20000, seed=4)
@@ -65,9 +65,9 @@ def test_char_windows_and_batches():
   assert x.shape == y.shape == (32, 16)
   np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one character
   start = int(
-      np.flatnonzero(
-          np.all(np.lib.stride_tricks.sliding_window_view(data.eval_tokens, 16) == x[5], axis=1)
-      )[0]
+    np.flatnonzero(
+      np.all(np.lib.stride_tricks.sliding_window_view(data.eval_tokens, 16) == x[5], axis=1)
+    )[0]
   )
   np.testing.assert_array_equal(data.eval_tokens[start + 1 : start + 17], y[5])
   b1, b2 = next(tasks.text_batches(data, 4, seed=0)), next(tasks.text_batches(data, 4, seed=0))
@@ -78,13 +78,13 @@ def test_char_windows_and_batches():
 
 
 @pytest.mark.parametrize(
-    'name, sizes, out_shape',
-    [
-        ('mnist1d_mlp', dict(hidden=(8,)), (3, 10)),
-        ('mnist1d_cnn', dict(channels=(2, 4), dense=8), (3, 10)),
-        ('regression', dict(hidden=(8,)), (3, 1)),
-        ('char_lm', dict(d_model=8, n_layer=1, n_head=2, seq_len=16), (3, 16, None)),
-    ],
+  'name, sizes, out_shape',
+  [
+    ('mnist1d_mlp', dict(hidden=(8,)), (3, 10)),
+    ('mnist1d_cnn', dict(channels=(2, 4), dense=8), (3, 10)),
+    ('regression', dict(hidden=(8,)), (3, 1)),
+    ('char_lm', dict(d_model=8, n_layer=1, n_head=2, seq_len=16), (3, 16, None)),
+  ],
 )
 def test_each_task_data_and_model_shapes(name, sizes, out_shape):
   task = tasks.get(name, **sizes)

@@ -168,12 +168,12 @@ def _dense_init(rng, fan_in, fan_out, gain=0.75):
 # (a) MLP: dense -> tanh -> dense -> relu -> dense.
 def _mlp_init(rng):
   return {
-      'w1': _dense_init(rng, 8, 16),
-      'b1': _normal(rng, (16,), 0.1),
-      'w2': _dense_init(rng, 16, 12),
-      'b2': _normal(rng, (12,), 0.1),
-      'w3': _dense_init(rng, 12, 4),
-      'b3': _normal(rng, (4,), 0.1),
+    'w1': _dense_init(rng, 8, 16),
+    'b1': _normal(rng, (16,), 0.1),
+    'w2': _dense_init(rng, 16, 12),
+    'b2': _normal(rng, (12,), 0.1),
+    'w3': _dense_init(rng, 12, 4),
+    'b3': _normal(rng, (4,), 0.1),
   }
 
 
@@ -194,21 +194,21 @@ _VECTOR = (_identity, _identity)
 _CONV = (_conv_to_jax, _conv_to_torch)
 
 MLP = Model(
-    name='mlp',
-    init=_mlp_init,
-    converters={
-        'w1': _DENSE,
-        'b1': _VECTOR,
-        'w2': _DENSE,
-        'b2': _VECTOR,
-        'w3': _DENSE,
-        'b3': _VECTOR,
-    },
-    jax_logits=_mlp_jax,
-    torch_logits=_mlp_torch,
-    input_shape=(8,),
-    inputs_to_jax=_identity,
-    num_classes=4,
+  name='mlp',
+  init=_mlp_init,
+  converters={
+    'w1': _DENSE,
+    'b1': _VECTOR,
+    'w2': _DENSE,
+    'b2': _VECTOR,
+    'w3': _DENSE,
+    'b3': _VECTOR,
+  },
+  jax_logits=_mlp_jax,
+  torch_logits=_mlp_torch,
+  input_shape=(8,),
+  inputs_to_jax=_identity,
+  num_classes=4,
 )
 
 
@@ -216,19 +216,19 @@ MLP = Model(
 #     -> flatten (6x2x2) -> dense.
 def _cnn_init(rng):
   return {
-      'conv1_w': _normal(rng, (4, 1, 3, 3), 0.75 / 3.0),
-      'conv1_b': _normal(rng, (4,), 0.1),
-      'conv2_w': _normal(rng, (6, 4, 3, 3), 0.75 / 6.0),
-      'conv2_b': _normal(rng, (6,), 0.1),
-      'dense_w': _dense_init(rng, 24, 3),
-      'dense_b': _normal(rng, (3,), 0.1),
+    'conv1_w': _normal(rng, (4, 1, 3, 3), 0.75 / 3.0),
+    'conv1_b': _normal(rng, (4,), 0.1),
+    'conv2_w': _normal(rng, (6, 4, 3, 3), 0.75 / 6.0),
+    'conv2_b': _normal(rng, (6,), 0.1),
+    'dense_w': _dense_init(rng, 24, 3),
+    'dense_b': _normal(rng, (3,), 0.1),
   }
 
 
 def _cnn_jax(p, x):  # x: NHWC
   dims = ('NHWC', 'HWIO', 'NHWC')
   h = jax.lax.conv_general_dilated(
-      x, p['conv1_w'], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims
+    x, p['conv1_w'], (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims
   )
   h = jnp.tanh(h + p['conv1_b'])
   h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID')
@@ -245,21 +245,21 @@ def _cnn_torch(p, x):  # x: NCHW
 
 
 CNN = Model(
-    name='cnn',
-    init=_cnn_init,
-    converters={
-        'conv1_w': _CONV,
-        'conv1_b': _VECTOR,
-        'conv2_w': _CONV,
-        'conv2_b': _VECTOR,
-        'dense_w': _flat_dense_to_jax((6, 2, 2)),
-        'dense_b': _VECTOR,
-    },
-    jax_logits=_cnn_jax,
-    torch_logits=_cnn_torch,
-    input_shape=(1, 8, 8),
-    inputs_to_jax=lambda x: x.transpose(0, 2, 3, 1),
-    num_classes=3,
+  name='cnn',
+  init=_cnn_init,
+  converters={
+    'conv1_w': _CONV,
+    'conv1_b': _VECTOR,
+    'conv2_w': _CONV,
+    'conv2_b': _VECTOR,
+    'dense_w': _flat_dense_to_jax((6, 2, 2)),
+    'dense_b': _VECTOR,
+  },
+  jax_logits=_cnn_jax,
+  torch_logits=_cnn_torch,
+  input_shape=(1, 8, 8),
+  inputs_to_jax=lambda x: x.transpose(0, 2, 3, 1),
+  num_classes=3,
 )
 
 
@@ -267,10 +267,10 @@ CNN = Model(
 #     dense.
 def _masked_init(rng):
   return {
-      'w1': _dense_init(rng, 6, 10),
-      'w2': _dense_init(rng, 10, 10),
-      'b2': _normal(rng, (10,), 0.1),
-      'w3': _dense_init(rng, 10, 3),
+    'w1': _dense_init(rng, 6, 10),
+    'w2': _dense_init(rng, 10, 10),
+    'b2': _normal(rng, (10,), 0.1),
+    'w3': _dense_init(rng, 10, 3),
   }
 
 
@@ -287,15 +287,15 @@ def _masked_torch(p, x):
 
 
 MASKED = Model(
-    name='bias_free_frozen_group',
-    init=_masked_init,
-    converters={'w1': _DENSE, 'w2': _DENSE, 'b2': _VECTOR, 'w3': _DENSE},
-    jax_logits=_masked_jax,
-    torch_logits=_masked_torch,
-    input_shape=(6,),
-    inputs_to_jax=_identity,
-    num_classes=3,
-    meta_mask={'w1': True, 'w2': False, 'b2': False, 'w3': True},
+  name='bias_free_frozen_group',
+  init=_masked_init,
+  converters={'w1': _DENSE, 'w2': _DENSE, 'b2': _VECTOR, 'w3': _DENSE},
+  jax_logits=_masked_jax,
+  torch_logits=_masked_torch,
+  input_shape=(6,),
+  inputs_to_jax=_identity,
+  num_classes=3,
+  meta_mask={'w1': True, 'w2': False, 'b2': False, 'w3': True},
 )
 
 MODELS = [MLP, CNN, MASKED]
@@ -326,7 +326,7 @@ def _initial_params(model: Model, seed: int = 0):
 
 def _torch_params(model, params_np):
   return [
-      torch.tensor(params_np[k], dtype=torch.float64, requires_grad=True) for k in model.converters
+    torch.tensor(params_np[k], dtype=torch.float64, requires_grad=True) for k in model.converters
   ]
 
 
@@ -338,11 +338,11 @@ def _torch_loss(model, params, x, y):
 
 # The runs compared: name -> (rule, amsgrad).
 RUNS = {
-    'reference': (torch_f3eo.REFERENCE, False),
-    'reference-amsgrad': (torch_f3eo.REFERENCE, True),
-    'theory': (torch_f3eo.THEORY, False),
-    'theory-capped': (torch_f3eo.Rule(max_ratio=CAP), False),
-    'theory-per-leaf-capped': (torch_f3eo.Rule(projection='per_leaf', max_ratio=CAP), False),
+  'reference': (torch_f3eo.REFERENCE, False),
+  'reference-amsgrad': (torch_f3eo.REFERENCE, True),
+  'theory': (torch_f3eo.THEORY, False),
+  'theory-capped': (torch_f3eo.Rule(max_ratio=CAP), False),
+  'theory-per-leaf-capped': (torch_f3eo.Rule(projection='per_leaf', max_ratio=CAP), False),
 }
 
 
@@ -397,11 +397,11 @@ def _jax_mask(model):
 
 def _jax_meta_transform(model, rule):
   return f3eo_jax.add_meta_gradient(
-      rule.meta_coef,
-      projection=rule.projection,
-      meta_clip_norm=rule.clip_norm,
-      meta_max_ratio=rule.max_ratio,
-      meta_mask=_jax_mask(model),
+    rule.meta_coef,
+    projection=rule.projection,
+    meta_clip_norm=rule.clip_norm,
+    meta_max_ratio=rule.max_ratio,
+    meta_mask=_jax_mask(model),
   )
 
 
@@ -409,19 +409,19 @@ def _jax_optimizer(model, rule, amsgrad):
   b1, b2 = BETAS
   if rule == torch_f3eo.REFERENCE:
     return f3eo_jax.f3eo_reference(
-        LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, amsgrad=amsgrad, meta_mask=_jax_mask(model)
+      LEARNING_RATE, b1, b2, EPS, WEIGHT_DECAY, amsgrad=amsgrad, meta_mask=_jax_mask(model)
     )
   assert not amsgrad and rule.clip_norm is None, 'f3eo: no amsgrad; the clip is not tested here'
   return f3eo_jax.f3eo(
-      LEARNING_RATE,
-      b1,
-      b2,
-      EPS,
-      WEIGHT_DECAY,
-      meta_coef=rule.meta_coef,
-      projection=rule.projection,
-      meta_max_ratio=rule.max_ratio,
-      meta_mask=_jax_mask(model),
+    LEARNING_RATE,
+    b1,
+    b2,
+    EPS,
+    WEIGHT_DECAY,
+    meta_coef=rule.meta_coef,
+    projection=rule.projection,
+    meta_max_ratio=rule.max_ratio,
+    meta_mask=_jax_mask(model),
   )
 
 
@@ -450,13 +450,13 @@ def run_jax(model, run):
   effective_grads, hg_norms, cap_scales = [], [], []
   for x, y in _batches(model):
     params, state, e, diagnostics = step(
-        params, state, jnp.asarray(model.inputs_to_jax(x)), jnp.asarray(y)
+      params, state, jnp.asarray(model.inputs_to_jax(x)), jnp.asarray(y)
     )
     effective_grads.append(model.to_torch_layout(e))
     hg_norms.append(float(diagnostics['hg_norm']))
     cap_scales.append(float(diagnostics['cap_scale']))
   return Trajectory(
-      model.to_torch_layout(params), effective_grads, np.array(hg_norms), np.array(cap_scales)
+    model.to_torch_layout(params), effective_grads, np.array(hg_norms), np.array(cap_scales)
   )
 
 
@@ -530,16 +530,16 @@ def test_torch_meta_gradient_is_a_dense_hessian_vector_product(model):
   sq = sum((gr * gr).sum() for gr, k in zip(grads, in_meta) if k)
   two_hg = iter(torch.autograd.grad(sq, [p for p, k in zip(params, in_meta) if k]))
   two_hg_flat = torch.cat(
-      [
-          next(two_hg).ravel() if k else torch.zeros(n, dtype=torch.float64)
-          for k, n in zip(in_meta, sizes)
-      ]
+    [
+      next(two_hg).ravel() if k else torch.zeros(n, dtype=torch.float64)
+      for k, n in zip(in_meta, sizes)
+    ]
   )
   assert float(hg_dense.norm()) > 1e-3
   np.testing.assert_allclose(two_hg_flat.numpy(), 2.0 * hg_dense.numpy(), rtol=1e-10, atol=1e-13)
 
   out = torch_f3eo.effective_gradient(
-      _torch_loss(model, params, x, y), params, in_meta, rule=torch_f3eo.THEORY
+    _torch_loss(model, params, x, y), params, in_meta, rule=torch_f3eo.THEORY
   )
   g_m, hg_m = np.where(keep, g, 0.0), hg_dense.numpy()
   e_dense = g.numpy() + hg_m - (hg_m @ g_m) / (g_m @ g_m) * g_m
@@ -584,8 +584,8 @@ def test_f3eo_matches_torch_step_for_step(model_name, run):
       assert moved == 0.0, ('meta term on a frozen tensor', name, moved)
 
   worst_e = max(
-      max(_max_relative_error(a, b).values())
-      for a, b in zip(actual.effective_grads, expected.effective_grads)
+    max(_max_relative_error(a, b).values())
+    for a, b in zip(actual.effective_grads, expected.effective_grads)
   )
   assert worst_e <= TRAJECTORY_RTOL, ('e along the trajectory', worst_e)
 

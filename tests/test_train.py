@@ -28,34 +28,34 @@ def _task(name):
 def _config(task, optimizer, **kwargs):
   # The smoke preset's batch (128, from 256 examples), so train.main reuses these compiles.
   kwargs = (
-      dict(
-          task=task,
-          optimizer=optimizer,
-          learning_rate=3e-3,
-          num_steps=6,
-          eval_every=3,
-          train_subset=256,
-      )
-      | kwargs
+    dict(
+      task=task,
+      optimizer=optimizer,
+      learning_rate=3e-3,
+      num_steps=6,
+      eval_every=3,
+      train_subset=256,
+    )
+    | kwargs
   )
   return training.Config(**kwargs)
 
 
 @pytest.mark.parametrize(
-    'task_name, optimizer',
-    [
-        ('mnist1d_mlp', 'f3eo'),
-        ('mnist1d_cnn', 'f3eo'),
-        ('regression', 'f3eo'),
-        ('char_lm', 'f3eo'),
-        ('mnist1d_mlp', 'adamw'),
-        ('regression', 'adamw'),
-    ],
+  'task_name, optimizer',
+  [
+    ('mnist1d_mlp', 'f3eo'),
+    ('mnist1d_cnn', 'f3eo'),
+    ('regression', 'f3eo'),
+    ('char_lm', 'f3eo'),
+    ('mnist1d_mlp', 'adamw'),
+    ('regression', 'adamw'),
+  ],
 )
 def test_every_task_trains_and_records_history(task_name, optimizer, cache):
   task = _task(task_name)
   run = training.train_and_evaluate(
-      _config(task_name, optimizer), task, task.load(), cache=cache, progress=False
+    _config(task_name, optimizer), task, task.load(), cache=cache, progress=False
   )
   assert run['eval_steps'] == [0, 3, 6] and run['steps_done'] == 6 and not run['diverged']
   assert np.all(np.isfinite(run['metric'])) and np.all(np.isfinite(run['train_loss'][1:]))
@@ -85,11 +85,11 @@ def test_the_consistency_check_catches_another_dropout_key():
 
   def loss_fn(params, key):
     out, _ = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']},
-        x,
-        train=True,
-        rngs={'dropout': key},
-        mutable=['batch_stats'],
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      x,
+      train=True,
+      rngs={'dropout': key},
+      mutable=['batch_stats'],
     )
     return task.loss(out, y).mean()
 
@@ -115,15 +115,15 @@ def test_batch_stats_update_in_training_and_evaluation_uses_them(cache):
   before = jax.tree.map(np.asarray, state.model_state)
   new_state, _ = compiled.train_step(state, *batch, training.hyperparams(variant, 1e-3, None, 10))
   assert any(
-      not np.allclose(a, b)
-      for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new_state.model_state))
+    not np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(new_state.model_state))
   )
   out = compiled.eval_step(new_state, *batch)
   logits = compiled.model.apply({'params': new_state.params, **new_state.model_state}, batch[0])
   np.testing.assert_allclose(
-      out['loss_sum'],
-      optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).sum(),
-      rtol=1e-5,
+    out['loss_sum'],
+    optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).sum(),
+    rtol=1e-5,
   )
 
 
@@ -143,7 +143,7 @@ def test_sweep_shares_one_compilation_and_picks_by_the_metric_direction(cache):
   assert best.learning_rate == records[int(np.argmin(metrics))]['learning_rate']  # lower is better
   assert best.weight_decay is None
   second = training.train_and_evaluate(
-      dataclasses.replace(base, learning_rate=0.05), task, task.load(), cache=cache, progress=False
+    dataclasses.replace(base, learning_rate=0.05), task, task.load(), cache=cache, progress=False
   )
   assert second['compile_time_s'] == 0.0  # learning rate is a traced input
 
@@ -172,7 +172,7 @@ def test_main_job_defaults_and_smoke_run_writes_its_report(tmp_path, capsys, cac
   assert outputs.directory(args) == outputs.OUT_DIR
   assert outputs.directory(train.parse_args(['--update-results'])) == outputs.RESULTS_DIR
   text = train.main(
-      ['--preset', 'smoke', '--out', str(tmp_path), '--no-progress', '--seeds', '2'], cache=cache
+    ['--preset', 'smoke', '--out', str(tmp_path), '--no-progress', '--seeds', '2'], cache=cache
   )
   assert '| MNIST-1D CNN | F3EO (library default) |' in text and '| MNIST-1D MLP | AdamW |' in text
   for suffix in ('.md', '.json', '_curves.png', '_diagnostics.png'):

@@ -10,7 +10,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import f3eo_jax
@@ -30,7 +29,7 @@ def _jitted_meta_gradient(loss_fn, **options):
   @jax.jit
   def step(params, meta_coef, meta_clip_norm, meta_max_ratio=None):
     tx = f3eo_jax.add_meta_gradient(
-        meta_coef, meta_clip_norm=meta_clip_norm, meta_max_ratio=meta_max_ratio, **options
+      meta_coef, meta_clip_norm=meta_clip_norm, meta_max_ratio=meta_max_ratio, **options
     )
     g = jax.grad(loss_fn)(params)
     e, state = tx.update(g, tx.init(params), params, obj_fn=loss_fn)
@@ -43,7 +42,7 @@ def _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostic
   np.testing.assert_allclose(dense.ravel(e), expected_e, rtol=1e-9, atol=1e-12)
   for name in DIAGNOSTICS:
     np.testing.assert_allclose(
-        diagnostics[name], expected_diagnostics[name], rtol=1e-5, atol=1e-9, err_msg=name
+      diagnostics[name], expected_diagnostics[name], rtol=1e-5, atol=1e-9, err_msg=name
     )
   # The default gradient check ran (obj_fn is the loss of g) and passed.
   assert diagnostics['grad_mismatch'] <= 1e-12
@@ -68,8 +67,11 @@ def test_effective_gradient_matches_dense_reference(x64, make_mlp, dense, projec
     g, e, diagnostics = step(params, meta_coef, None)
 
     expected_e, expected_diagnostics = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(params),
-        meta_coef=meta_coef, projection=projection,
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      projection=projection,
     )
     _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
 
@@ -87,14 +89,21 @@ def test_meta_term_is_clipped_to_meta_clip_norm_before_projection(x64, make_mlp,
       g, e, diagnostics = step(params, meta_coef, meta_clip_norm)
 
       expected_e, expected_diagnostics = dense.meta_gradient(
-          reference.hessian, reference.grad, dense.leaf_sizes(params),
-          meta_coef=meta_coef, projection=projection, meta_clip_norm=meta_clip_norm,
+        reference.hessian,
+        reference.grad,
+        dense.leaf_sizes(params),
+        meta_coef=meta_coef,
+        projection=projection,
+        meta_clip_norm=meta_clip_norm,
       )
       _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
     # The binding clip changed the result, the loose one did not.
     unclipped, _ = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(params),
-        meta_coef=meta_coef, projection=projection,
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      projection=projection,
     )
     _, e_binding, _ = step(params, meta_coef, binding)
     _, e_loose, _ = step(params, meta_coef, loose)
@@ -104,20 +113,20 @@ def test_meta_term_is_clipped_to_meta_clip_norm_before_projection(x64, make_mlp,
 
 def _ratio_of_meta_to_grad(reference, dense, params, **options):
   """``‖m⊥‖ / ‖g‖`` of the uncapped reference rule (per leaf: the largest ratio)."""
-  e, _ = dense.meta_gradient(reference.hessian, reference.grad, dense.leaf_sizes(params),
-                             **options)
+  e, _ = dense.meta_gradient(reference.hessian, reference.grad, dense.leaf_sizes(params), **options)
   meta, g = e - reference.grad, reference.grad
   if options.get('projection') == 'per_leaf':
     bounds = np.cumsum([0, *dense.leaf_sizes(params)])
-    return max(np.linalg.norm(meta[a:b]) / np.linalg.norm(g[a:b])
-               for a, b in zip(bounds[:-1], bounds[1:]))
+    return max(
+      np.linalg.norm(meta[a:b]) / np.linalg.norm(g[a:b]) for a, b in zip(bounds[:-1], bounds[1:])
+    )
   return np.linalg.norm(meta) / np.linalg.norm(g)
 
 
 @pytest.mark.parametrize('orthogonalize', [True, False])
 @pytest.mark.parametrize('projection', PROJECTIONS)
 def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
-    x64, make_mlp, dense, projection, orthogonalize
+  x64, make_mlp, dense, projection, orthogonalize
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -131,8 +140,11 @@ def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
       g, e, diagnostics = step(params, meta_coef, None, meta_max_ratio)
 
       expected_e, expected_diagnostics = dense.meta_gradient(
-          reference.hessian, reference.grad, dense.leaf_sizes(params),
-          meta_max_ratio=meta_max_ratio, **options,
+        reference.hessian,
+        reference.grad,
+        dense.leaf_sizes(params),
+        meta_max_ratio=meta_max_ratio,
+        **options,
       )
       _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
       assert expected_diagnostics['cap_bound'] == (meta_max_ratio == binding)
@@ -149,7 +161,7 @@ def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
 
 @pytest.mark.parametrize('projection', PROJECTIONS)
 def test_relative_cap_applies_after_the_absolute_clip_and_outside_the_mask_leaves_g(
-    x64, make_mlp, dense, projection
+  x64, make_mlp, dense, projection
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -158,13 +170,22 @@ def test_relative_cap_applies_after_the_absolute_clip_and_outside_the_mask_leave
   step = _jitted_meta_gradient(loss_fn, projection=projection, meta_mask=mask)
   hg_norm = np.linalg.norm(reference.hessian @ np.where(coordinate_mask, reference.grad, 0))
 
-  for meta_coef, clip, rho in ((1.0, 0.5 * hg_norm, 0.05), (-2.0, 10 * hg_norm, 0.05),
-                               (0.37, 0.2 * hg_norm, 10.0)):
+  for meta_coef, clip, rho in (
+    (1.0, 0.5 * hg_norm, 0.05),
+    (-2.0, 10 * hg_norm, 0.05),
+    (0.37, 0.2 * hg_norm, 10.0),
+  ):
     g, e, diagnostics = step(params, meta_coef, clip, rho)
 
     expected_e, expected_diagnostics = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(params), meta_coef=meta_coef,
-        projection=projection, meta_clip_norm=clip, meta_max_ratio=rho, mask=coordinate_mask,
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      projection=projection,
+      meta_clip_norm=clip,
+      meta_max_ratio=rho,
+      mask=coordinate_mask,
     )
     _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
 
@@ -181,15 +202,20 @@ def test_relative_cap_applies_to_the_stored_product_on_every_update(x64, make_ml
   rho = 0.1
   for projection in PROJECTIONS:
     tx = f3eo_jax.add_meta_gradient(
-        projection=projection, meta_max_ratio=rho, hvp_every=3, check_consistency=None)
+      projection=projection, meta_max_ratio=rho, hvp_every=3, check_consistency=None
+    )
     state = tx.init(params)
     _, state = tx.update(unravel(reference.grad), state, params, obj_fn=loss_fn)
     for _ in range(2):
       e, state = tx.update(unravel(later.grad), state, other_params, obj_fn=loss_fn)
 
       expected_e, _ = dense.meta_gradient(
-          later.hessian, later.grad, dense.leaf_sizes(params), projection=projection,
-          meta_max_ratio=rho, hg=stored_hg,
+        later.hessian,
+        later.grad,
+        dense.leaf_sizes(params),
+        projection=projection,
+        meta_max_ratio=rho,
+        hg=stored_hg,
       )
       np.testing.assert_allclose(dense.ravel(e), expected_e, rtol=1e-9, atol=1e-12)
     assert f3eo_jax.diagnostics(state)['cap_count'] == 3
@@ -205,13 +231,17 @@ def test_unorthogonalized_meta_term_is_coef_times_hessian_times_gradient(x64, ma
 
     expected_e = reference.grad + meta_coef * reference.hessian @ reference.grad
     _, expected_diagnostics = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(params),
-        meta_coef=meta_coef, orthogonalize=False,
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      orthogonalize=False,
     )
     _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
     np.testing.assert_allclose(
-        diagnostics['meta_norm'],
-        abs(meta_coef) * np.linalg.norm(reference.hessian @ reference.grad), rtol=1e-6,
+      diagnostics['meta_norm'],
+      abs(meta_coef) * np.linalg.norm(reference.hessian @ reference.grad),
+      rtol=1e-6,
     )
 
 
@@ -227,14 +257,16 @@ def test_per_leaf_projection_leaves_a_zero_gradient_leaf_unprojected(x64, make_m
   tx = f3eo_jax.add_meta_gradient(-2.0, projection='per_leaf')
 
   e, state = jax.jit(
-      lambda g: tx.update(
-          g, tx.init(params), params,
-          hvp_fn=lambda v: unravel(hessian @ jax.flatten_util.ravel_pytree(v)[0]),
-      )
+    lambda g: tx.update(
+      g,
+      tx.init(params),
+      params,
+      hvp_fn=lambda v: unravel(hessian @ jax.flatten_util.ravel_pytree(v)[0]),
+    )
   )(g)
 
   expected_e, expected_diagnostics = dense.meta_gradient(
-      reference.hessian, g_flat, dense.leaf_sizes(params), meta_coef=-2.0, projection='per_leaf'
+    reference.hessian, g_flat, dense.leaf_sizes(params), meta_coef=-2.0, projection='per_leaf'
   )
   np.testing.assert_allclose(dense.ravel(e), expected_e, rtol=1e-9, atol=1e-12)
   hg_bias = unravel(reference.hessian @ g_flat)['layer_1']['b']
@@ -248,9 +280,9 @@ def test_per_leaf_projection_leaves_a_zero_gradient_leaf_unprojected(x64, make_m
 # Masks: outside the mask, plain g, and a zero tangent in the Hessian-vector product.
 
 MASKS = {
-    'bool_tree': {'layer_0': {'w': True, 'b': False}, 'layer_1': {'w': False, 'b': True}},
-    'prefix': {'layer_0': True, 'layer_1': False},
-    'callable': lambda params: jax.tree.map(lambda p: p.ndim == 2, params),
+  'bool_tree': {'layer_0': {'w': True, 'b': False}, 'layer_1': {'w': False, 'b': True}},
+  'prefix': {'layer_0': True, 'layer_1': False},
+  'callable': lambda params: jax.tree.map(lambda p: p.ndim == 2, params),
 }
 
 
@@ -259,22 +291,23 @@ def _leaf_mask(mask, params):
   if callable(mask):
     mask = mask(params)
   return {
-      layer: {
-          name: np.full(np.shape(params[layer][name]), bool(
-              mask[layer] if isinstance(mask[layer], bool) else mask[layer][name]
-          ))
-          for name in params[layer]
-      }
-      for layer in params
+    layer: {
+      name: np.full(
+        np.shape(params[layer][name]),
+        bool(mask[layer] if isinstance(mask[layer], bool) else mask[layer][name]),
+      )
+      for name in params[layer]
+    }
+    for layer in params
   }
 
 
 @pytest.mark.parametrize(
-    'mask_kind,projection',
-    [('bool_tree', 'global'), ('prefix', 'global'), ('callable', 'global'), ('callable', 'per_leaf')],
+  'mask_kind,projection',
+  [('bool_tree', 'global'), ('prefix', 'global'), ('callable', 'global'), ('callable', 'per_leaf')],
 )
 def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
-    x64, make_mlp, dense, mask_kind, projection
+  x64, make_mlp, dense, mask_kind, projection
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -287,8 +320,13 @@ def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
     g, e, diagnostics = step(params, meta_coef, meta_clip_norm)
 
     expected_e, expected_diagnostics = dense.meta_gradient(
-        reference.hessian, reference.grad, dense.leaf_sizes(params), meta_coef=meta_coef,
-        projection=projection, meta_clip_norm=meta_clip_norm, mask=coordinate_mask,
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      projection=projection,
+      meta_clip_norm=meta_clip_norm,
+      mask=coordinate_mask,
     )
     _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
     for e_leaf, g_leaf, m in zip(*map(jax.tree.leaves, (e, g, leaf_mask))):
@@ -296,7 +334,7 @@ def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
         np.testing.assert_array_equal(e_leaf, g_leaf)  # exactly g
   # The reference really restricts the tangent: H·g_masked differs from H·g there.
   full_tangent = (reference.hessian @ reference.grad)[coordinate_mask]
-  masked_tangent = (reference.hessian @ np.where(coordinate_mask, reference.grad, 0.0))
+  masked_tangent = reference.hessian @ np.where(coordinate_mask, reference.grad, 0.0)
   assert not np.allclose(full_tangent, masked_tangent[coordinate_mask], rtol=1e-2)
 
 
@@ -342,8 +380,11 @@ def hessian_gradient_products(product_of, loss_fn, params, dense):
 def assert_is_hessian_times_gradient(product, expected):
   """The checker: a cut gradient path (a zero product) or another loss's product fails."""
   np.testing.assert_allclose(
-      product, expected, rtol=1e-8, atol=1e-10,
-      err_msg='H·g differs from the dense Hessian times the gradient: cut gradient path?',
+    product,
+    expected,
+    rtol=1e-8,
+    atol=1e-10,
+    err_msg='H·g differs from the dense Hessian times the gradient: cut gradient path?',
   )
 
 
@@ -365,27 +406,27 @@ def _stop_gradient_hvp(loss_fn, params, g):
 
 
 LIBRARY_PRODUCTS = {
-    'hvp': lambda loss_fn, p, g: f3eo_jax.hvp(loss_fn, p, g),
-    'grad_and_hvp': lambda loss_fn, p, g: f3eo_jax.grad_and_hvp(loss_fn, p, g)[1],
-    'value_grad_and_hvp': lambda loss_fn, p, g: f3eo_jax.value_grad_and_hvp(loss_fn, p)[2](g),
-    'transform_obj_fn': _meta_term_of(obj_fn=lambda loss_fn, p: loss_fn),
-    'transform_hvp_fn': _meta_term_of(
-        hvp_fn=lambda loss_fn, p: f3eo_jax.value_grad_and_hvp(loss_fn, p)[2]
-    ),
+  'hvp': lambda loss_fn, p, g: f3eo_jax.hvp(loss_fn, p, g),
+  'grad_and_hvp': lambda loss_fn, p, g: f3eo_jax.grad_and_hvp(loss_fn, p, g)[1],
+  'value_grad_and_hvp': lambda loss_fn, p, g: f3eo_jax.value_grad_and_hvp(loss_fn, p)[2](g),
+  'transform_obj_fn': _meta_term_of(obj_fn=lambda loss_fn, p: loss_fn),
+  'transform_hvp_fn': _meta_term_of(
+    hvp_fn=lambda loss_fn, p: f3eo_jax.value_grad_and_hvp(loss_fn, p)[2]
+  ),
 }
 
 # Each takes the loss on another batch (same model, data_seed=2), as a buggy loop would.
 BROKEN_PRODUCTS = {
-    'stop_gradient_hvp': lambda other_batch_loss: _stop_gradient_hvp,
-    'transform_with_stop_gradient_hvp_fn': lambda other_batch_loss: _meta_term_of(
-        hvp_fn=lambda loss_fn, p: lambda v: _stop_gradient_hvp(loss_fn, p, v)
-    ),
-    'hvp_of_other_batch': lambda other_batch_loss: (
-        lambda loss_fn, p, g: f3eo_jax.hvp(other_batch_loss, p, g)
-    ),
-    'transform_with_other_batch_obj_fn': lambda other_batch_loss: _meta_term_of(
-        obj_fn=lambda loss_fn, p: other_batch_loss
-    ),
+  'stop_gradient_hvp': lambda other_batch_loss: _stop_gradient_hvp,
+  'transform_with_stop_gradient_hvp_fn': lambda other_batch_loss: _meta_term_of(
+    hvp_fn=lambda loss_fn, p: lambda v: _stop_gradient_hvp(loss_fn, p, v)
+  ),
+  'hvp_of_other_batch': lambda other_batch_loss: (
+    lambda loss_fn, p, g: f3eo_jax.hvp(other_batch_loss, p, g)
+  ),
+  'transform_with_other_batch_obj_fn': lambda other_batch_loss: _meta_term_of(
+    obj_fn=lambda loss_fn, p: other_batch_loss
+  ),
 }
 
 
@@ -463,9 +504,11 @@ def _tiny():
 def test_update_needs_exactly_one_of_obj_fn_and_hvp_fn(which):
   params, loss_fn, g = _tiny()
   tx = f3eo_jax.add_meta_gradient()
-  kwargs = {} if which == 'neither' else {
-      'obj_fn': loss_fn, 'hvp_fn': lambda v: f3eo_jax.hvp(loss_fn, params, v)
-  }
+  kwargs = (
+    {}
+    if which == 'neither'
+    else {'obj_fn': loss_fn, 'hvp_fn': lambda v: f3eo_jax.hvp(loss_fn, params, v)}
+  )
 
   with pytest.raises(TypeError) as info:
     tx.update(g, tx.init(params), params, **kwargs)
@@ -493,14 +536,14 @@ def test_update_with_obj_fn_needs_params():
 
 
 @pytest.mark.parametrize(
-    'bad_hvp_fn,match',
-    [
-        (lambda v: {'w': v['w']}, 'structure'),
-        (lambda v: [v['w'], v['b']], 'structure'),
-        (lambda v: {'w': v['w'], 'b': jnp.zeros(3)}, r'shape \(3,\)'),
-        (lambda v: {'w': v['w'].T[:1], 'b': v['b']}, r'shape \(1, 2\)'),
-    ],
-    ids=['missing_leaf', 'list_not_dict', 'wrong_bias_shape', 'wrong_weight_shape'],
+  'bad_hvp_fn,match',
+  [
+    (lambda v: {'w': v['w']}, 'structure'),
+    (lambda v: [v['w'], v['b']], 'structure'),
+    (lambda v: {'w': v['w'], 'b': jnp.zeros(3)}, r'shape \(3,\)'),
+    (lambda v: {'w': v['w'].T[:1], 'b': v['b']}, r'shape \(1, 2\)'),
+  ],
+  ids=['missing_leaf', 'list_not_dict', 'wrong_bias_shape', 'wrong_weight_shape'],
 )
 def test_update_rejects_an_hvp_fn_whose_output_does_not_match_the_gradients(bad_hvp_fn, match):
   params, _, g = _tiny()
@@ -511,27 +554,33 @@ def test_update_rejects_an_hvp_fn_whose_output_does_not_match_the_gradients(bad_
 
 
 BAD_OPTIONS = {
-    'projection_foo': ({'projection': 'foo'}, ValueError, "'foo'"),
-    'hvp_every_0': ({'hvp_every': 0}, ValueError, 'hvp_every.*0'),
-    'hvp_every_1.5': ({'hvp_every': 1.5}, TypeError, 'hvp_every.*1.5'),
-    'hvp_every_bool': ({'hvp_every': True}, TypeError, 'hvp_every.*True'),
-    'hvp_every_2**40': ({'hvp_every': 2**40}, ValueError, 'hvp_every.*1099511627776'),
-    'meta_clip_norm_-1': ({'meta_clip_norm': -1.0}, ValueError, 'meta_clip_norm.*-1'),
-    'meta_clip_norm_0': ({'meta_clip_norm': 0.0}, ValueError, 'meta_clip_norm.*0'),
-    'meta_max_ratio_-0.1': ({'meta_max_ratio': -0.1}, ValueError, 'meta_max_ratio.*-0.1'),
-    'meta_max_ratio_str': ({'meta_max_ratio': '0.1'}, TypeError, "meta_max_ratio.*'0.1'"),
-    'meta_coef_nan': ({'meta_coef': float('nan')}, ValueError, 'meta_coef.*nan'),
-    'meta_coef_str': ({'meta_coef': '1.0'}, TypeError, "meta_coef.*'1.0'"),
-    'meta_coef_none': ({'meta_coef': None}, TypeError, 'meta_coef.*None'),
-    'meta_coef_vector': ({'meta_coef': np.ones(2)}, TypeError, r'meta_coef.*array\(\[1., 1.\]\)'),
-    'meta_coef_complex': ({'meta_coef': 1j}, TypeError, 'meta_coef.*1j'),
-    'orthogonalize_str': ({'orthogonalize': 'no'}, TypeError, "orthogonalize.*'no'"),
-    'check_consistency_negative': ({'check_consistency': -1e-3}, ValueError,
-                                   'check_consistency.*-0.001'),
-    'meta_mask_of_floats': ({'meta_mask': {'w': 1.0, 'b': 0.0}}, TypeError, 'meta_mask.*bools'),
-    'meta_mask_of_arrays': ({'meta_mask': {'w': np.ones((3, 3), bool), 'b': True}}, TypeError,
-                            r'meta_mask[\s\S]*Per-element'),
-    'axis_name_list': ({'axis_name': ['data']}, TypeError, 'axis_name'),
+  'projection_foo': ({'projection': 'foo'}, ValueError, "'foo'"),
+  'hvp_every_0': ({'hvp_every': 0}, ValueError, 'hvp_every.*0'),
+  'hvp_every_1.5': ({'hvp_every': 1.5}, TypeError, 'hvp_every.*1.5'),
+  'hvp_every_bool': ({'hvp_every': True}, TypeError, 'hvp_every.*True'),
+  'hvp_every_2**40': ({'hvp_every': 2**40}, ValueError, 'hvp_every.*1099511627776'),
+  'meta_clip_norm_-1': ({'meta_clip_norm': -1.0}, ValueError, 'meta_clip_norm.*-1'),
+  'meta_clip_norm_0': ({'meta_clip_norm': 0.0}, ValueError, 'meta_clip_norm.*0'),
+  'meta_max_ratio_-0.1': ({'meta_max_ratio': -0.1}, ValueError, 'meta_max_ratio.*-0.1'),
+  'meta_max_ratio_str': ({'meta_max_ratio': '0.1'}, TypeError, "meta_max_ratio.*'0.1'"),
+  'meta_coef_nan': ({'meta_coef': float('nan')}, ValueError, 'meta_coef.*nan'),
+  'meta_coef_str': ({'meta_coef': '1.0'}, TypeError, "meta_coef.*'1.0'"),
+  'meta_coef_none': ({'meta_coef': None}, TypeError, 'meta_coef.*None'),
+  'meta_coef_vector': ({'meta_coef': np.ones(2)}, TypeError, r'meta_coef.*array\(\[1., 1.\]\)'),
+  'meta_coef_complex': ({'meta_coef': 1j}, TypeError, 'meta_coef.*1j'),
+  'orthogonalize_str': ({'orthogonalize': 'no'}, TypeError, "orthogonalize.*'no'"),
+  'check_consistency_negative': (
+    {'check_consistency': -1e-3},
+    ValueError,
+    'check_consistency.*-0.001',
+  ),
+  'meta_mask_of_floats': ({'meta_mask': {'w': 1.0, 'b': 0.0}}, TypeError, 'meta_mask.*bools'),
+  'meta_mask_of_arrays': (
+    {'meta_mask': {'w': np.ones((3, 3), bool), 'b': True}},
+    TypeError,
+    r'meta_mask[\s\S]*Per-element',
+  ),
+  'axis_name_list': ({'axis_name': ['data']}, TypeError, 'axis_name'),
 }
 
 
@@ -550,14 +599,14 @@ def test_f3eo_reference_rejects_a_non_bool_amsgrad():
 
 
 @pytest.mark.parametrize(
-    'mask',
-    [
-        {'w': True},
-        {'w': True, 'b': False, 'extra': True},
-        [True, False],
-        lambda params: {'w': True},
-    ],
-    ids=['missing_key', 'extra_key', 'list_not_dict', 'callable_with_wrong_tree'],
+  'mask',
+  [
+    {'w': True},
+    {'w': True, 'b': False, 'extra': True},
+    [True, False],
+    lambda params: {'w': True},
+  ],
+  ids=['missing_key', 'extra_key', 'list_not_dict', 'callable_with_wrong_tree'],
 )
 def test_a_mask_that_does_not_fit_the_params_raises_at_init(mask):
   params, _, _ = _tiny()
@@ -569,9 +618,9 @@ def test_a_mask_that_does_not_fit_the_params_raises_at_init(mask):
 
 
 @pytest.mark.parametrize(
-    'make_tx',
-    [lambda: f3eo_jax.f3eo(1e-2), f3eo_jax.f3eo_reference],
-    ids=['f3eo', 'f3eo_reference'],
+  'make_tx',
+  [lambda: f3eo_jax.f3eo(1e-2), f3eo_jax.f3eo_reference],
+  ids=['f3eo', 'f3eo_reference'],
 )
 def test_a_zero_gradient_gives_a_finite_update(make_tx):
   params = {'w': jnp.zeros((2, 2)), 'b': jnp.zeros(2)}

@@ -222,14 +222,7 @@ def run_case(mode: Mode, tx, params, batch, other_batch) -> dict:
   return out
 
 
-MODES = (
-  'jit_one_device',
-  'jit_data_parallel',
-  'jit_fsdp',
-  'shard_map_vma',
-  'shard_map_local_grads',
-  'pmap',
-)
+MODES = problem.MODES
 # One device runs every optimizer; the multi-device modes the two whose consistency
 # check runs differently (directly, and inside hvp_every's lax.cond).
 MULTI_DEVICE_OPTIMIZERS = ('f3eo', 'f3eo_hvp_every_2')

@@ -258,6 +258,17 @@ def run_bounded(command: list[str], log: pathlib.Path, timeout_s: float, **kwarg
 # ---------------------------------------------------------------- sharing across pytest-xdist
 
 
+# The execution modes of the consistency-check cases (tests/_consistency_cases.py).
+MODES = (
+  'jit_one_device',
+  'jit_data_parallel',
+  'jit_fsdp',
+  'shard_map_vma',
+  'shard_map_local_grads',
+  'pmap',
+)
+
+
 def session_dir(tmp_path_factory) -> pathlib.Path:
   """The test session's temporary directory, common to all pytest-xdist workers."""
   root = tmp_path_factory.getbasetemp()

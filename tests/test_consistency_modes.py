@@ -27,14 +27,7 @@ pytestmark = pytest.mark.slow
 
 CASES = pathlib.Path(__file__).with_name('_consistency_cases.py')
 TIMEOUT_S = 300  # then the cases' process group gets SIGKILL; they take 30-60 s
-MODES = (
-  'jit_one_device',
-  'jit_data_parallel',
-  'jit_fsdp',
-  'shard_map_vma',
-  'shard_map_local_grads',
-  'pmap',
-)
+MODES = problem.MODES
 LOCAL_GRAD_MODES = ('shard_map_local_grads', 'pmap')
 # What _consistency_cases.py runs: every optimizer on one device, two elsewhere.
 CASE_IDS = [

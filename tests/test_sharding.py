@@ -8,14 +8,12 @@ layout trains 4 steps and is compared with the same optimizer on one device; pro
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import pathlib
 import subprocess
 import sys
 
+import _distributed_problem as problem
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -27,33 +25,22 @@ HVP_RTOL = 1e-5
 OPTIMIZERS = ('f3eo', 'f3eo_reference', 'f3eo_hvp_every_2')
 
 
-@contextlib.contextmanager
-def _locked(path: pathlib.Path):
-  with open(path, 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope='module')
 def cases(tmp_path_factory):
   """Runs the multi-device cases once per test session, shared by pytest-xdist workers."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent  # the session's directory, common to all workers
-  out = root / 'sharding_cases.json'
-  with _locked(root / 'sharding_cases.lock'):
-    if not out.exists():
-      env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-      # the cases import benchmarks.xla_utils from the repository root
-      repo = str(CASES.parents[1])
-      env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-      cmd = [sys.executable, str(CASES), str(out)]
-      result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-      assert result.returncode == 0, f'multi-device cases failed:\n{result.stderr[-6000:]}'
-  return json.loads(out.read_text())
+
+  def produce(out):
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    # the cases import benchmarks.xla_utils from the repository root
+    repo = str(CASES.parents[1])
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
+    cmd = [sys.executable, str(CASES), str(out)]
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f'multi-device cases failed:\n{result.stderr[-6000:]}'
+
+  return problem.once_per_session(
+    problem.session_dir(tmp_path_factory) / 'sharding_cases.json', produce
+  )
 
 
 def _assert_matches_single_device(result, name):

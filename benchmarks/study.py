@@ -44,6 +44,7 @@ FULL = dict(
   screen=(*registry.GRID, 'f3eo_reference', *registry.BASELINES),
   screen_fraction=0.4,
   keep_top=6,
+  keep_theory=2,
   hvp_every=10,
   seeds=3,
   timing_rounds=7,
@@ -77,8 +78,9 @@ PROTOCOL = """\
   split (the last 10% of the training data). The scores are those validation metrics: the test
   data are not used before (c).
 - **(b) Pruning.** Keep the baselines, `f3eo_reference` and the uncapped theory rule; add the
-  `keep_top` grid variants with the best mean rank across tasks in (a), and `hvp_every=10`
-  applied to the best of them.
+  `keep_top` grid variants with the best mean rank across tasks in (a), the `keep_theory` best
+  theory-sign variants with a relative cap (the candidates for the library's default), and
+  `hvp_every=10` applied to the best grid variant and to the best theory-sign capped one.
 - **(c) Full protocol.** Per task and kept optimizer: the sweep again on the validation split
   at the full step count, then one run per seed on the full training data; the test metric's
   mean ± std over seeds.
@@ -157,26 +159,35 @@ def prune(screen, task_map, preset) -> tuple[list[Entry], dict[str, float], str]
   """(b): the kept optimizers, the screening's mean ranks, and the rule in words.
 
   Keeps every baseline, ``f3eo_reference`` and ``f3eo_theory_uncapped_global`` (when
-  screened), plus the ``keep_top`` grid variants (other than those) with the best mean
-  rank across tasks of their validation metric in (a), plus ``hvp_every`` applied to the
-  best of them. A diverged run ranks last on its task.
+  screened); the ``keep_top`` grid variants (other than those) with the best mean rank
+  across tasks of their validation metric in (a); the ``keep_theory`` best theory-sign
+  variants with a relative cap, the candidates for the library's default, if not already
+  kept; and ``hvp_every`` applied to the best grid variant and to the best theory-sign
+  capped one. A diverged run ranks last on its task.
   """
   metrics = {t: {v: r['metric'] for v, r in by_variant.items()} for t, by_variant in screen.items()}
   mean_ranks = reporting.mean_ranks(metrics, task_map)
   screened = set(preset['screen'])
   kept = [(n, ()) for n in ALWAYS_KEPT if n in screened]
-  grid = [n for n in mean_ranks if n in registry.GRID and n not in ALWAYS_KEPT][
-    : preset['keep_top']
-  ]
+  ranked = [n for n in mean_ranks if n in registry.GRID and n not in ALWAYS_KEPT]
+  grid = ranked[: preset['keep_top']]
+  theory = [n for n in ranked if n.startswith('f3eo_theory_rho')][: preset['keep_theory']]
+  grid += [n for n in theory if n not in grid]
   kept[1:1] = [(n, ()) for n in grid]
-  if grid and preset['hvp_every']:
-    kept.insert(1 + len(grid), (grid[0], (('hvp_every', preset['hvp_every']),)))
+  if preset['hvp_every']:
+    every = (('hvp_every', preset['hvp_every']),)
+    best = [n for n in (ranked[:1] + theory[:1]) if n]
+    for n in dict.fromkeys(best):
+      kept.insert(1 + len(grid), (n, every))
   rule = (
     'Kept: the baselines, f3eo_reference and f3eo_theory_uncapped_global; the'
     f' {preset["keep_top"]} grid variants (other than the uncapped theory rule) with the best'
-    ' mean rank across tasks of their validation metric in (a); and'
-    f' hvp_every={preset["hvp_every"]} applied to the best of them. Ranks: 1 = best per task,'
-    ' ties share their mean rank, a diverged run ranks last.'
+    ' mean rank across tasks of their validation metric in (a); the'
+    f' {preset["keep_theory"]} best theory-sign variants with a relative cap (the candidates'
+    " for the library's default), if not already kept; and"
+    f' hvp_every={preset["hvp_every"]} applied to the best grid variant and to the best'
+    ' theory-sign capped one. Ranks: 1 = best per task, ties share their mean rank, a'
+    ' diverged run ranks last.'
   )
   return kept, mean_ranks, rule
 
@@ -456,7 +467,7 @@ def plan(task_map, datas, preset, cache) -> str:
   """The number of steps per phase, and an estimate of the time from measured step times."""
   n_screen_f3eo = sum(1 for n in preset['screen'] if registry.get(n).uses_obj_fn)
   sweep_size = lambda n: len(registry.get(n).sweep)
-  kept_f3eo = 2 + preset['keep_top']  # reference, uncapped, top grid variants, hvp_every (cheaper)
+  kept_f3eo = 2 + preset['keep_top'] + preset['keep_theory']  # + hvp_every runs (cheaper)
   lines, total = [], 0.0
   for task in task_map.values():
     probe = {

@@ -31,9 +31,12 @@ def test_prune_keeps_baselines_reference_uncapped_and_the_best_grid_variants():
   expected_top = [
     n for n in grid if n not in ('f3eo_theory_uncapped_global', 'f3eo_theory_clip1_global')
   ][:3]
+  expected_theory = [n for n in grid if n.startswith('f3eo_theory_rho')][:2]
   assert set(names) == {
     *expected_top,
+    *expected_theory,
     f'{expected_top[0]}+hvp_every=10',
+    f'{expected_theory[0]}+hvp_every=10',
     'f3eo_reference',
     'f3eo_theory_uncapped_global',
     *registry.BASELINES,

@@ -106,6 +106,7 @@ def _check_real(
   minimum: float | None = None,
   strict: bool = False,
   integer: bool = False,
+  allow_inf: bool = False,
 ) -> None:
   """Raises unless ``value`` is a real scalar (a Python number or a 0-d array) in range.
 
@@ -130,7 +131,7 @@ def _check_real(
   if isinstance(value, bool) or not isinstance(value, kinds):
     what = 'an int' if integer else 'a real number'
     raise TypeError(f'{name} must be {what}, got {value!r} of type {type(value).__name__}.')
-  if not np.isfinite(value):
+  if np.isnan(value) or (np.isinf(value) and not (allow_inf and value > 0)):
     raise ValueError(f'{name} must be finite, got {value!r}.')
   if minimum is not None and (value <= minimum if strict else value < minimum):
     bound = f'> {minimum}' if strict else f'>= {minimum}'
@@ -582,7 +583,8 @@ def _coefficients(
   capped_norm = _hypot([jnp.abs(k) * jnp.sqrt(p) for k, p in zip(kappa, perp_sq)])
   uncapped_norm = _hypot([jnp.abs(k) * jnp.sqrt(p) for k, p in zip(uncapped_kappa, perp_sq)])
   applied_norm = jnp.where(ok, capped_norm, 0)
-  cap_scale = jnp.where(uncapped_norm > 0, _safe_div(capped_norm, uncapped_norm), 1)
+  # The factor the cap applied: 1 where it did not bind, or where no meta term was applied.
+  cap_scale = jnp.where(ok & (uncapped_norm > 0), _safe_div(capped_norm, uncapped_norm), 1)
   cap_bound = functools.reduce(jnp.logical_or, capped, jnp.zeros((), bool))
   return _Coefficients(
     kappa, list(ratios), ok, finite, applied_norm, jnp.minimum(cap_scale, 1), ok & cap_bound
@@ -738,8 +740,9 @@ def add_meta_gradient(
       ``H·g`` (and, for the check, ``obj_fn``'s gradient) is averaged over it with
       ``jax.lax.pmean``, as ``g`` must have been.
     check_consistency: relative tolerance of the gradient check, or ``None`` for no
-      check. With ``axis_name`` the check costs one more all-reduce on the updates
-      that refresh ``H·g``.
+      check; ``float('inf')`` measures the mismatch without ever acting on it. Under
+      ``jit`` data parallelism, FSDP and ``axis_name``, the check costs one more
+      parameter-sized all-reduce on the updates that evaluate ``obj_fn``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``update(updates, state,
@@ -780,7 +783,8 @@ def add_meta_gradient(
   if not _is_scalar_array(hvp_every) and hvp_every > _MAX_HVP_EVERY:
     raise ValueError(f'hvp_every must be < 2**31 (the step counter is int32), got {hvp_every}.')
   if check_consistency is not None:
-    _check_real('check_consistency', check_consistency, minimum=0)
+    # inf measures the mismatch without ever dropping the meta term.
+    _check_real('check_consistency', check_consistency, minimum=0, allow_inf=True)
   _check_mask_spec('meta_mask', meta_mask)
   try:
     hash(axis_name)
@@ -1065,6 +1069,7 @@ def raise_on_mismatch(opt_state: PyTree) -> None:
       last = np.asarray(jax.device_get(_unwrap(state.diagnostics.grad_mismatch)))
       raise GradientMismatchError(
         f'{count} update(s) dropped the F3EO meta term because the gradient of obj_fn'
-        f' differed from the gradients passed to update (last relative mismatch'
-        f' {float(np.max(last)):.3g}, above check_consistency). ' + _MISMATCH_CAUSES
+        ' differed from the gradients passed to update by more than check_consistency'
+        f' (relative; the latest measured mismatch is {float(np.max(last)):.3g}). '
+        + _MISMATCH_CAUSES
       )

@@ -36,9 +36,11 @@ def _code_cells(nb):
 
 def _error_outputs(nb):
   return [
-      (i, out.get('ename'), out.get('evalue'))
-      for i, cell in enumerate(nb.cells) if cell.cell_type == 'code'
-      for out in cell.get('outputs', []) if out.output_type == 'error'
+    (i, out.get('ename'), out.get('evalue'))
+    for i, cell in enumerate(nb.cells)
+    if cell.cell_type == 'code'
+    for out in cell.get('outputs', [])
+    if out.output_type == 'error'
   ]
 
 
@@ -57,7 +59,7 @@ def test_notebook_is_committed_with_outputs(path):
   assert cells, f'{path.name} has no code cells'
   counts = [cell.execution_count for cell in cells]
   assert counts == list(range(1, len(cells) + 1)), (
-      f'{path.name} was not saved from one top-to-bottom run: execution counts {counts}'
+    f'{path.name} was not saved from one top-to-bottom run: execution counts {counts}'
   )
   assert not _error_outputs(nb), f'{path.name} was saved with errors: {_error_outputs(nb)}'
   images = [out for cell in cells for out in cell.outputs if 'image/png' in out.get('data', {})]
@@ -72,14 +74,16 @@ def test_notebook_runs_top_to_bottom(path):
   assert not tagged, f'cells {tagged} of {path.name} are allowed to fail; catch the error instead'
   nb.cells.insert(0, nbformat.v4.new_code_cell(f'import sys\nprint({_PREFIX_MARK!r} + sys.prefix)'))
   client = nbclient.NotebookClient(
-      nb,
-      timeout=EXECUTION_TIMEOUT_S,
-      kernel_name='python3',
-      allow_errors=False,
-      record_timing=False,
-      resources={'metadata': {'path': str(NOTEBOOKS_DIR)}},
+    nb,
+    timeout=EXECUTION_TIMEOUT_S,
+    kernel_name='python3',
+    allow_errors=False,
+    record_timing=False,
+    resources={'metadata': {'path': str(NOTEBOOKS_DIR)}},
   )
-  env = dict(os.environ, JAX_PLATFORMS='cpu', MPLBACKEND='module://matplotlib_inline.backend_inline')
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', MPLBACKEND='module://matplotlib_inline.backend_inline'
+  )
   try:
     client.execute(env=env)
   except nbclient.exceptions.CellExecutionError as e:
@@ -87,7 +91,7 @@ def test_notebook_runs_top_to_bottom(path):
 
   kernel_prefix = ''.join(out.get('text', '') for out in nb.cells[0].outputs).strip()
   assert kernel_prefix == _PREFIX_MARK + sys.prefix, (
-      f'the kernel ran another interpreter: {kernel_prefix!r}, expected {sys.prefix!r}'
+    f'the kernel ran another interpreter: {kernel_prefix!r}, expected {sys.prefix!r}'
   )
   assert not _error_outputs(nb)
   assert all(cell.execution_count is not None for cell in _code_cells(nb)), 'some cells did not run'

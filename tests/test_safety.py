@@ -834,3 +834,17 @@ def test_inject_hyperparams_works_with_complex_params():
     outputs.append(p)
     assert f3eo_jax.diagnostics(state)['meta_norm'] > 0
   np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5)
+
+
+def test_infinite_check_consistency_measures_the_mismatch_without_acting_on_it():
+  loss = lambda q, t: jnp.sum((q - t) ** 2 * jnp.arange(1.0, 4.0))
+  params = jnp.zeros(3)
+  g = jax.grad(loss)(params, 1.0)
+  tx = f3eo_jax.add_meta_gradient(check_consistency=float('inf'))
+
+  e, state = tx.update(g, tx.init(params), params, obj_fn=lambda q: loss(q, 2.0))
+
+  diagnostics = f3eo_jax.diagnostics(state)
+  assert diagnostics['grad_mismatch'] > 0.5 and diagnostics['mismatch_count'] == 0
+  assert not np.allclose(e, g)  # the (wrong) meta term was applied, as asked
+  f3eo_jax.raise_on_mismatch(state)

@@ -664,6 +664,116 @@ def _initial_diagnostics() -> MetaGradientDiagnostics:
   )
 
 
+# ------------------------------------------------------------------- the update's steps
+
+
+def _check_update_call(
+  updates: PyTree,
+  params: PyTree,
+  obj_fn: ObjFn | None,
+  hvp_fn: HvpFn | None,
+  refresh_hvp: Any,
+  keeps_product: bool,
+) -> None:
+  """Raises at trace time for a misused ``update``, naming the fix."""
+  _check_not_masked_by_optax(updates, 'updates')
+  if refresh_hvp is not None and not isinstance(refresh_hvp, (bool, np.bool_)):
+    raise TypeError(
+      'refresh_hvp must be a Python bool (or None), known when the step is traced; got'
+      f' {refresh_hvp!r}. To schedule refreshes inside one compiled step, use hvp_every'
+      ' alone.'
+    )
+  if refresh_hvp is not None and not keeps_product:
+    raise ValueError(
+      'refresh_hvp needs a stored product: construct the transform with hvp_every > 1.'
+    )
+  if refresh_hvp is not False and (obj_fn is None) == (hvp_fn is None):
+    which = 'neither' if obj_fn is None else 'both'
+    hint = (
+      ' If you called flax.training.train_state.TrainState.apply_gradients(...,'
+      ' obj_fn=...): it does not pass keywords on to tx.update; use'
+      ' f3eo_jax.flax.apply_gradients(state, grads, obj_fn=...).'
+      if obj_fn is None
+      else ''
+    )
+    raise TypeError(
+      f'add_meta_gradient.update needs exactly one of obj_fn= and hvp_fn=, got {which}. '
+      + _USAGE
+      + hint
+    )
+  if obj_fn is not None and params is None:
+    raise ValueError(
+      'add_meta_gradient.update got obj_fn but no params; the Hessian is taken at the'
+      ' params: call tx.update(grads, state, params, obj_fn=...).'
+    )
+
+
+def _scheduled_product(
+  layout: _Layout,
+  state: MetaGradientState,
+  refresh: Callable[[], _Product],
+  refresh_hvp: bool | None,
+  keeps_product: bool,
+  hvp_every: Any,
+) -> _Product:
+  """This update's ``H·g``: computed now, reused from the state, or chosen by ``lax.cond``."""
+  if not keeps_product or refresh_hvp is True:
+    return refresh()
+  stored = _stored(layout, state.hvp)
+  if refresh_hvp is False:
+    return stored
+  every = jnp.maximum(jnp.asarray(hvp_every).astype(jnp.int32), 1)
+
+  def refreshed():
+    product = refresh()
+    return _buffer_leaves(product, state.hvp), product.mismatch, product.finite
+
+  # Both branches return the buffer's leaves, so lax.cond sees one structure.
+  leaves, mismatch, finite = jax.lax.cond(
+    state.step % every == 0,
+    refreshed,
+    lambda: (jax.tree.leaves(state.hvp), stored.mismatch, stored.finite),
+  )
+  return _Product([h if a else None for h, a in zip(leaves, layout.active)], mismatch, finite)
+
+
+def _effective_gradient(
+  layout: _Layout,
+  leaves: Sequence[jax.Array],
+  product: _Product,
+  mismatched: jax.Array,
+  *,
+  orthogonalize: bool,
+  meta_coef: ScalarLike,
+  meta_clip_norm: ScalarLike | None,
+  meta_max_ratio: ScalarLike | None,
+) -> tuple[list[jax.Array], list[_Sums], _Coefficients]:
+  """``e = g + m⊥`` leaf by leaf: reductions, scalar algebra, one elementwise pass."""
+  if not layout.segments:  # no leaf gets a meta term
+    yes = jnp.ones((), bool)
+    return list(leaves), [], _Coefficients([], [], yes, yes, jnp.zeros(()), jnp.ones(()), ~yes)
+  g, hg = leaves, product.hg
+  acc = functools.reduce(jnp.promote_types, [_acc_dtype(g[i]) for s in layout.segments for i in s])
+  sums = _segment_sums(layout, g, hg, _leaf_maxima(layout, g, hg), acc)
+  ratios = _projection_ratios(sums, orthogonalize)
+  perp = None
+  if meta_max_ratio is not None and orthogonalize:
+    perp, ratios = _perp_sums(layout, g, hg, sums, ratios)
+  coefs = _coefficients(
+    sums,
+    ratios,
+    perp,
+    meta_coef=meta_coef,
+    meta_clip_norm=meta_clip_norm,
+    meta_max_ratio=meta_max_ratio,
+    usable=product.finite,
+    consistent=~mismatched,
+    acc=acc,
+    largest=[min(float(jnp.finfo(g[i].dtype).max) for i in seg) for seg in layout.segments],
+  )
+  return _combine(layout, leaves, hg, sums, coefs), sums, coefs
+
+
 # ------------------------------------------------------------------- the transform
 
 
@@ -791,7 +901,7 @@ def add_meta_gradient(
   except TypeError as e:
     raise TypeError(f'axis_name must be a name (hashable), got {axis_name!r}.') from e
   # An array hvp_every may be traced, so its state always has room for a stored H·g.
-  keeps_product = _is_scalar_array(hvp_every) or hvp_every > 1
+  keeps_product = _is_scalar_array(hvp_every) or bool(hvp_every > 1)
 
   def init_fn(params: PyTree) -> MetaGradientState:
     _check_not_masked_by_optax(params, 'params')
@@ -805,100 +915,24 @@ def add_meta_gradient(
     updates, state, params=None, *, obj_fn=None, hvp_fn=None, refresh_hvp=None, **extra_args
   ):
     del extra_args
-    _check_not_masked_by_optax(updates, 'updates')
-    if refresh_hvp is not None and not isinstance(refresh_hvp, (bool, np.bool_)):
-      raise TypeError(
-        'refresh_hvp must be a Python bool (or None), known when the step is traced; got'
-        f' {refresh_hvp!r}. To schedule refreshes inside one compiled step, use hvp_every'
-        ' alone.'
-      )
-    if refresh_hvp is not None and not keeps_product:
-      raise ValueError(
-        'refresh_hvp needs a stored product: construct the transform with hvp_every > 1.'
-      )
-    reuses_only = refresh_hvp is False
-    if not reuses_only and (obj_fn is None) == (hvp_fn is None):
-      which = 'neither' if obj_fn is None else 'both'
-      hint = (
-        ' If you called flax.training.train_state.TrainState.apply_gradients(...,'
-        ' obj_fn=...): it does not pass keywords on to tx.update; use'
-        ' f3eo_jax.flax.apply_gradients(state, grads, obj_fn=...).'
-        if obj_fn is None
-        else ''
-      )
-      raise TypeError(
-        f'add_meta_gradient.update needs exactly one of obj_fn= and hvp_fn=, got {which}. '
-        + _USAGE
-        + hint
-      )
-    if obj_fn is not None and params is None:
-      raise ValueError(
-        'add_meta_gradient.update got obj_fn but no params; the Hessian is taken at the'
-        ' params: call tx.update(grads, state, params, obj_fn=...).'
-      )
+    _check_update_call(updates, params, obj_fn, hvp_fn, refresh_hvp, keeps_product)
     layout = _layout(meta_mask, params, updates, projection)
     leaves = jax.tree.leaves(updates)
     check = check_consistency if obj_fn is not None else None
 
     def refresh() -> _Product:
       product = _compute_product(
-        layout,
-        leaves,
-        params,
-        obj_fn=obj_fn,
-        hvp_fn=hvp_fn,
-        axis_name=axis_name,
+        layout, leaves, params, obj_fn=obj_fn, hvp_fn=hvp_fn, axis_name=axis_name,
         check_consistency=check,
-      )
+      )  # fmt: skip
       return _for_storage(layout, product, state.hvp, check) if keeps_product else product
 
-    if not keeps_product or refresh_hvp is True:
-      product = refresh()
-    elif refresh_hvp is False:
-      product = _stored(layout, state.hvp)
-    else:
-      every = jnp.maximum(jnp.asarray(hvp_every).astype(jnp.int32), 1)
-      stored = _stored(layout, state.hvp)
-      # Both branches return the buffer's leaves, so lax.cond sees one structure.
-      leaves_out, mismatch, finite = jax.lax.cond(
-        state.step % every == 0,
-        lambda: (lambda p: (_buffer_leaves(p, state.hvp), p.mismatch, p.finite))(refresh()),
-        lambda: (jax.tree.leaves(state.hvp), stored.mismatch, stored.finite),
-      )
-      product = _Product(
-        [h if a else None for h, a in zip(leaves_out, layout.active)], mismatch, finite
-      )
+    product = _scheduled_product(layout, state, refresh, refresh_hvp, keeps_product, hvp_every)
     mismatched = _mismatched(product.mismatch, check)
-
-    if layout.segments:
-      g, hg = leaves, product.hg
-      acc = functools.reduce(
-        jnp.promote_types, [_acc_dtype(g[i]) for s in layout.segments for i in s]
-      )
-      sums = _segment_sums(layout, g, hg, _leaf_maxima(layout, g, hg), acc)
-      ratios = _projection_ratios(sums, orthogonalize)
-      needs_perp = meta_max_ratio is not None and orthogonalize
-      perp = None
-      if needs_perp:
-        perp, ratios = _perp_sums(layout, g, hg, sums, ratios)
-      coefs = _coefficients(
-        sums,
-        ratios,
-        perp,
-        meta_coef=meta_coef,
-        meta_clip_norm=meta_clip_norm,
-        meta_max_ratio=meta_max_ratio,
-        usable=product.finite,
-        consistent=~mismatched,
-        acc=acc,
-        largest=[min(float(jnp.finfo(g[i].dtype).max) for i in seg) for seg in layout.segments],
-      )
-      new_leaves = _combine(layout, leaves, hg, sums, coefs)
-    else:  # no leaf gets a meta term
-      sums, new_leaves = [], list(leaves)
-      yes = jnp.ones((), bool)
-      coefs = _Coefficients([], [], yes, yes, jnp.zeros(()), jnp.ones(()), ~yes)
-
+    new_leaves, sums, coefs = _effective_gradient(
+      layout, leaves, product, mismatched, orthogonalize=orthogonalize, meta_coef=meta_coef,
+      meta_clip_norm=meta_clip_norm, meta_max_ratio=meta_max_ratio,
+    )  # fmt: skip
     stores = keeps_product and refresh_hvp is not False
     new_state = MetaGradientState(
       step=optax.safe_int32_increment(state.step),

@@ -11,8 +11,13 @@ from f3eo_jax.transform import _check_bool, add_meta_gradient, scale_by_amsgrad_
 
 __all__ = ['DEFAULT_META_MAX_RATIO', 'f3eo', 'f3eo_reference']
 
-DEFAULT_META_MAX_RATIO = 0.1
-"""The relative cap ``ρ`` of :func:`f3eo` by default (see its docstring)."""
+DEFAULT_META_MAX_RATIO = 0.03
+"""The relative cap ``ρ`` of :func:`f3eo` by default (see its docstring).
+
+Chosen by measurement: of the theory-sign settings compared on four tasks (MNIST-1D MLP
+and CNN, a regression, a character-level transformer; the project's ``benchmarks.study``),
+the smallest cap tried, ``0.03``, did best, and the theory-sign rule got worse as ``ρ``
+grew. The step then stays within ``atan 0.03 ≈ 1.7°`` of ``g``."""
 
 
 def _adamw_tail(

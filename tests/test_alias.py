@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _references as dense
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -33,7 +34,7 @@ def _run_side_by_side(loss_fn, params, tx_a, tx_b, num_steps=NUM_STEPS):
   return trajectory
 
 
-def _assert_same_trajectory(trajectory, initial_params, dense):
+def _assert_same_trajectory(trajectory, initial_params):
   for t, (params_a, params_b) in enumerate(trajectory):
     np.testing.assert_allclose(
       dense.ravel(params_a), dense.ravel(params_b), rtol=1e-12, atol=1e-14, err_msg=f'step {t}'
@@ -42,7 +43,7 @@ def _assert_same_trajectory(trajectory, initial_params, dense):
   assert moved > 1e-3
 
 
-def test_f3eo_equals_adamw_applied_to_the_effective_gradient(x64, make_mlp, dense):
+def test_f3eo_equals_adamw_applied_to_the_effective_gradient(x64, make_mlp):
   params, loss_fn = make_mlp('tanh')
   schedule = optax.cosine_decay_schedule(0.05, decay_steps=NUM_STEPS, alpha=0.1)
   adam_options = dict(b1=0.8, b2=0.95, eps=1e-6)
@@ -56,10 +57,10 @@ def test_f3eo_equals_adamw_applied_to_the_effective_gradient(x64, make_mlp, dens
     optax.adamw(schedule, **adam_options, weight_decay=0.1),
   )
 
-  _assert_same_trajectory(_run_side_by_side(loss_fn, params, f3eo, separately), params, dense)
+  _assert_same_trajectory(_run_side_by_side(loss_fn, params, f3eo, separately), params)
 
 
-def test_f3eo_reference_equals_the_published_meta_rule_then_adamw(x64, make_mlp, dense):
+def test_f3eo_reference_equals_the_published_meta_rule_then_adamw(x64, make_mlp):
   params, loss_fn = make_mlp('relu')
   reference = f3eo_jax.f3eo_reference(0.01, weight_decay=5e-4)
   published = optax.chain(
@@ -67,7 +68,7 @@ def test_f3eo_reference_equals_the_published_meta_rule_then_adamw(x64, make_mlp,
     optax.adamw(0.01, b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-4),
   )
 
-  _assert_same_trajectory(_run_side_by_side(loss_fn, params, reference, published), params, dense)
+  _assert_same_trajectory(_run_side_by_side(loss_fn, params, reference, published), params)
 
 
 def _torch_adamw_step(p, e, state, t, *, lr, b1, b2, eps, weight_decay, amsgrad):
@@ -85,7 +86,7 @@ def _torch_adamw_step(p, e, state, t, *, lr, b1, b2, eps, weight_decay, amsgrad)
 
 @pytest.mark.parametrize('amsgrad', [False, True], ids=['adamw', 'amsgrad'])
 def test_f3eo_reference_follows_the_pytorch_rule_computed_from_a_dense_hessian(
-  x64, make_mlp, dense, amsgrad
+  x64, make_mlp, amsgrad
 ):
   params, loss_fn = make_mlp('tanh')
   hyper = dict(lr=0.05, b1=0.9, b2=0.999, eps=1e-8, weight_decay=5e-2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 
+import _references as dense
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -292,7 +293,7 @@ def _trajectory(loss_fn, params, num_steps):
 
 
 def test_hvp_every_recomputes_every_k_steps_and_projects_the_stored_product_on_the_current_gradient(
-  x64, make_mlp, dense
+  x64, make_mlp
 ):
   params, loss_fn = make_mlp('tanh')
   num_steps, k, meta_coef = 7, 3, -2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _references as dense
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,7 @@ def _random_tangent(params, seed):
 
 
 @pytest.mark.parametrize('activation', ACTIVATIONS)
-def test_hvp_equals_dense_hessian_times_tangent(x64, make_mlp, dense, activation):
+def test_hvp_equals_dense_hessian_times_tangent(x64, make_mlp, activation):
   params, loss_fn = make_mlp(activation)
   tangent = _random_tangent(params, seed=3)
   expected = dense.hessian(loss_fn, params) @ dense.ravel(tangent)
@@ -31,7 +32,7 @@ def test_hvp_equals_dense_hessian_times_tangent(x64, make_mlp, dense, activation
 
 
 @pytest.mark.parametrize('activation', ACTIVATIONS)
-def test_grad_and_hvp_returns_gradient_and_hessian_times_gradient(x64, make_mlp, dense, activation):
+def test_grad_and_hvp_returns_gradient_and_hessian_times_gradient(x64, make_mlp, activation):
   params, loss_fn = make_mlp(activation)
   reference = dense.derivatives(loss_fn, params)
 
@@ -44,7 +45,7 @@ def test_grad_and_hvp_returns_gradient_and_hessian_times_gradient(x64, make_mlp,
 
 
 @pytest.mark.parametrize('activation', ACTIVATIONS)
-def test_value_grad_and_hvp_gives_loss_gradient_and_hessian_map(x64, make_mlp, dense, activation):
+def test_value_grad_and_hvp_gives_loss_gradient_and_hessian_map(x64, make_mlp, activation):
   params, loss_fn = make_mlp(activation)
   hessian = dense.hessian(loss_fn, params)
   tangents = [_random_tangent(params, seed) for seed in (5, 6)]
@@ -66,7 +67,7 @@ def test_value_grad_and_hvp_gives_loss_gradient_and_hessian_map(x64, make_mlp, d
     )
 
 
-def test_value_grad_and_hvp_with_aux_returns_loss_and_aux(x64, make_mlp, dense):
+def test_value_grad_and_hvp_with_aux_returns_loss_and_aux(x64, make_mlp):
   params, loss_fn = make_mlp('tanh')
   hessian = dense.hessian(loss_fn, params)
   v = _random_tangent(params, seed=7)

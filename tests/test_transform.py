@@ -6,6 +6,7 @@ Every numerical check here compares the transform's output with numpy arithmetic
 
 from __future__ import annotations
 
+import _references as dense
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostic
 
 @pytest.mark.parametrize('activation', ['tanh', 'relu'])
 @pytest.mark.parametrize('projection', PROJECTIONS)
-def test_effective_gradient_matches_dense_reference(x64, make_mlp, dense, projection, activation):
+def test_effective_gradient_matches_dense_reference(x64, make_mlp, projection, activation):
   params, loss_fn = make_mlp(activation)
   reference = dense.derivatives(loss_fn, params)
   step = _jitted_meta_gradient(loss_fn, projection=projection)
@@ -77,7 +78,7 @@ def test_effective_gradient_matches_dense_reference(x64, make_mlp, dense, projec
 
 
 @pytest.mark.parametrize('projection', PROJECTIONS)
-def test_meta_term_is_clipped_to_meta_clip_norm_before_projection(x64, make_mlp, dense, projection):
+def test_meta_term_is_clipped_to_meta_clip_norm_before_projection(x64, make_mlp, projection):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
   hg_norm = np.linalg.norm(reference.hessian @ reference.grad)
@@ -126,7 +127,7 @@ def _ratio_of_meta_to_grad(reference, dense, params, **options):
 @pytest.mark.parametrize('orthogonalize', [True, False])
 @pytest.mark.parametrize('projection', PROJECTIONS)
 def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
-  x64, make_mlp, dense, projection, orthogonalize
+  x64, make_mlp, projection, orthogonalize
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -161,7 +162,7 @@ def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
 
 @pytest.mark.parametrize('projection', PROJECTIONS)
 def test_relative_cap_applies_after_the_absolute_clip_and_outside_the_mask_leaves_g(
-  x64, make_mlp, dense, projection
+  x64, make_mlp, projection
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -190,7 +191,7 @@ def test_relative_cap_applies_after_the_absolute_clip_and_outside_the_mask_leave
     _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
 
 
-def test_relative_cap_applies_to_the_stored_product_on_every_update(x64, make_mlp, dense):
+def test_relative_cap_applies_to_the_stored_product_on_every_update(x64, make_mlp):
   # hvp_every=3: updates 1 and 2 reuse update 0's product, projected and capped against
   # their own gradients (here: the gradient at other params).
   params, loss_fn = make_mlp('tanh')
@@ -221,7 +222,7 @@ def test_relative_cap_applies_to_the_stored_product_on_every_update(x64, make_ml
     assert f3eo_jax.diagnostics(state)['cap_count'] == 3
 
 
-def test_unorthogonalized_meta_term_is_coef_times_hessian_times_gradient(x64, make_mlp, dense):
+def test_unorthogonalized_meta_term_is_coef_times_hessian_times_gradient(x64, make_mlp):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
   step = _jitted_meta_gradient(loss_fn, orthogonalize=False)
@@ -245,7 +246,7 @@ def test_unorthogonalized_meta_term_is_coef_times_hessian_times_gradient(x64, ma
     )
 
 
-def test_per_leaf_projection_leaves_a_zero_gradient_leaf_unprojected(x64, make_mlp, dense):
+def test_per_leaf_projection_leaves_a_zero_gradient_leaf_unprojected(x64, make_mlp):
   # A gradient with one leaf zeroed (a frozen bias, say) and the dense H·g as hvp_fn.
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -307,7 +308,7 @@ def _leaf_mask(mask, params):
   [('bool_tree', 'global'), ('prefix', 'global'), ('callable', 'global'), ('callable', 'per_leaf')],
 )
 def test_masked_out_leaves_get_plain_gradient_and_zero_tangent(
-  x64, make_mlp, dense, mask_kind, projection
+  x64, make_mlp, mask_kind, projection
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)
@@ -431,14 +432,14 @@ BROKEN_PRODUCTS = {
 
 
 @pytest.mark.parametrize('name', LIBRARY_PRODUCTS)
-def test_library_products_pass_the_dense_hessian_check(x64, make_mlp, dense, name):
+def test_library_products_pass_the_dense_hessian_check(x64, make_mlp, name):
   params, loss_fn = make_mlp('tanh')
   product, expected = hessian_gradient_products(LIBRARY_PRODUCTS[name], loss_fn, params, dense)
   assert_is_hessian_times_gradient(product, expected)
 
 
 @pytest.mark.parametrize('name', BROKEN_PRODUCTS)
-def test_cut_gradient_paths_fail_the_dense_hessian_check(x64, make_mlp, dense, name):
+def test_cut_gradient_paths_fail_the_dense_hessian_check(x64, make_mlp, name):
   params, loss_fn = make_mlp('tanh')
   _, other_batch_loss = make_mlp('tanh', data_seed=2)
   broken = BROKEN_PRODUCTS[name](other_batch_loss)

@@ -15,13 +15,13 @@ import functools
 import math
 
 import _optax_targets
+import _references as dense
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import dense_derivatives, meta_gradient_reference
 
 import f3eo_jax
 
@@ -83,13 +83,13 @@ def _dense_effective_gradient(loss_fn, params, **options):
   """``(e, diagnostics, derivatives)`` of the rule in numpy, from ``jax.hessian`` in float64.
 
   The params are cast to float64 (same values) and raveled; ``options`` are those of
-  ``meta_gradient_reference`` in conftest.py.
+  ``meta_gradient`` in _references.py.
   """
   with jax.enable_x64(True):
     params64 = jax.tree.map(lambda p: jnp.asarray(np.asarray(p, np.float64)), params)
-    reference = dense_derivatives(loss_fn, params64)
+    reference = dense.derivatives(loss_fn, params64)
   sizes = [int(np.size(p)) for p in jax.tree.leaves(params)]
-  e, diagnostics = meta_gradient_reference(reference.hessian, reference.grad, sizes, **options)
+  e, diagnostics = dense.meta_gradient(reference.hessian, reference.grad, sizes, **options)
   return e, diagnostics, reference
 
 
@@ -395,7 +395,7 @@ def test_accumulated_value_grad_and_hvp_matches_one_full_batch_f3eo_step_over_th
 def test_accumulated_hvp_fn_is_the_full_batch_hessian_times_v(x64):
   params = _mlp_params(jnp.float64)
   micro = [_mlp_batch(i, jnp.float64) for i in range(3)]
-  reference = dense_derivatives(lambda p: _mlp_loss(p, _concatenated(micro)), params)
+  reference = dense.derivatives(lambda p: _mlp_loss(p, _concatenated(micro)), params)
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   v = np.random.default_rng(7).normal(size=flat.size)
 
@@ -462,7 +462,7 @@ def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
     'z': jnp.asarray(rng.normal(size=3) + 1j * rng.normal(size=3)),
   }
   pair = {'w': params['w'], 'z': jnp.stack([params['z'].real, params['z'].imag])}
-  reference = dense_derivatives(_real_pair_loss, pair)  # raveled: w (2), Re z (3), Im z (3)
+  reference = dense.derivatives(_real_pair_loss, pair)  # raveled: w (2), Re z (3), Im z (3)
   sizes = [2, 6]  # one segment per leaf: z's segment is the pair
   hg_norm = np.linalg.norm(reference.hessian @ reference.grad)
   step = _complex_meta_step(projection, clipped_and_capped)
@@ -471,7 +471,7 @@ def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
     clip, cap = None, None
     if clipped_and_capped:  # both bind: the clip at 0.3·‖c·H·g‖, the cap at a fifth of ‖m⊥‖/‖g‖
       clip = 0.3 * abs(meta_coef) * hg_norm
-      clipped_e, _ = meta_gradient_reference(
+      clipped_e, _ = dense.meta_gradient(
         reference.hessian,
         reference.grad,
         sizes,
@@ -480,7 +480,7 @@ def test_complex_leaf_gets_the_real_pair_rule_of_the_dense_real_hessian(
         meta_clip_norm=clip,
       )
       cap = np.linalg.norm(clipped_e - reference.grad) / np.linalg.norm(reference.grad) / 5
-    expected_e, expected_diagnostics = meta_gradient_reference(
+    expected_e, expected_diagnostics = dense.meta_gradient(
       reference.hessian,
       reference.grad,
       sizes,
@@ -583,7 +583,7 @@ def test_extreme_magnitudes_give_the_exact_meta_term(magnitude, rule):
   # The float32 inputs, in float64, through the rule in numpy.
   g64, hessian = np.asarray(c, np.float64), np.diag(np.asarray(h, np.float64))
   np.testing.assert_array_equal(_leaves64(g), g64)
-  expected_e, expected = meta_gradient_reference(hessian, g64, [2, 2], **options)
+  expected_e, expected = dense.meta_gradient(hessian, g64, [2, 2], **options)
   meta, expected_meta = _leaves64(e) - g64, expected_e - g64
   assert np.isfinite(_leaves64(e)).all()
   np.testing.assert_allclose(

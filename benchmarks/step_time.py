@@ -39,8 +39,11 @@ Measured besides time:
   also the FLOP floor of every ``hvp_every=10`` variant.
 - JAX memory: ``memory_analysis()`` of the compiled step with params, model state and
   optimizer state donated: arguments + outputs + temporaries − aliased (donated) buffers,
-  the step's whole footprint including the batch. The Python-level path reports the
-  larger of its two steps. A memory-only row set compiles (without running) the steps of
+  the step's whole footprint including the batch. Steps are jitted with
+  ``keep_unused=True``: the refresh step never reads the stored product, and without it
+  jit drops that donated argument and pairs the other donated buffers with the wrong
+  outputs (extra parameter-sized copies). The Python-level path reports the larger of
+  its two steps. A memory-only row set compiles (without running) the steps of
   a ~54M-parameter MLP (784-4096×4-10, batch 256) from abstract shapes.
 - PyTorch memory: the peak-RSS increase during 3 steps over the set-up's resident set,
   in a fresh subprocess per variant (excludes params and batch; includes gradients,
@@ -336,7 +339,7 @@ def compile_steps(model, variant: JaxVariant, args) -> dict[str, Any]:
   flags = (True, False) if variant.python_refresh else (None,)
   start = time.perf_counter()
   compiled = {
-    flag: jax.jit(make_step(model, tx, variant, flag), donate_argnums=(0, 1, 2))
+    flag: jax.jit(make_step(model, tx, variant, flag), donate_argnums=(0, 1, 2), keep_unused=True)
     .lower(params, model_state, opt_state, x, y, key)
     .compile()
     for flag in flags

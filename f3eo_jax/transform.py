@@ -243,13 +243,54 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(p.astype(scale.dtype) * scale for p in parts)
 
 
+# Platforms on which the reductions of a pass are one variadic ``lax.reduce``.
+_VARIADIC_REDUCTION_PLATFORMS: tuple[str, ...] = ('cpu',)
+
+
+def _separate(reduce: Callable[..., jax.Array], *terms: jax.Array) -> jax.Array:
+  return jnp.stack([reduce(t) for t in terms])
+
+
+def _variadic(reduce: Callable[..., jax.Array], *terms: jax.Array) -> jax.Array:
+  """One variadic ``lax.reduce`` over the last axis, then a reduction of each row result.
+
+  The first stage reads every input once and materialises nothing; its row results are
+  small. Reducing rows first also keeps float32 sums accurate (a single pass over a
+  whole leaf accumulates serially), and leaves the leading axes, where FSDP shards a
+  leaf, to separate reductions: a scalar all-reduce each under SPMD.
+  """
+  dtype = terms[0].dtype
+  if reduce is jnp.sum:
+    init, op = jnp.zeros((), dtype), jnp.add
+  else:
+    init, op = jnp.full((), -jnp.inf, dtype), jnp.maximum
+  rows = jax.lax.reduce(
+    terms,
+    (init,) * len(terms),
+    lambda xs, ys: tuple(op(x, y) for x, y in zip(xs, ys)),
+    (terms[0].ndim - 1,) if terms[0].ndim else (),
+  )
+  return _separate(reduce, *rows)
+
+
 def _stacked(terms: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> jax.Array:
   """Reduces each of several same-shaped arrays over all their axes: a vector of results.
 
-  Separate reductions, not one variadic ``lax.reduce``: on sharded arrays each becomes a
-  scalar all-reduce (a variadic reduction would gather every device's partial result).
+  How depends on the platform the step is compiled for (``lax.platform_dependent``):
+
+  - XLA:CPU gives each separate reduction to its YNNPACK library, which takes
+    materialised inputs: the scaled ``g``, a re-laid-out ``H·g`` and the pass-3
+    difference would each become a parameter-sized temporary. A variadic
+    ``lax.reduce`` over the last axis stays in XLA's own loop (:func:`_variadic`).
+    Under SPMD, a leaf sharded along its last axis then gathers the row results.
+  - Elsewhere, separate reductions: XLA:GPU and TPU can fuse sibling reductions into
+    one multi-output loop, and under SPMD each is a scalar all-reduce.
   """
-  return jnp.stack([reduce(t) for t in terms])
+  terms = tuple(terms)
+  branches = {p: functools.partial(_variadic, reduce) for p in _VARIADIC_REDUCTION_PLATFORMS}
+  return jax.lax.platform_dependent(
+    *terms, default=functools.partial(_separate, reduce), **branches
+  )
 
 
 def _real_sums(a: Sequence[tuple[jax.Array, ...]], b: Sequence[tuple[jax.Array, ...]]) -> jax.Array:

@@ -266,11 +266,20 @@ def main(out_path: str) -> None:
 
     return run
 
-  for name in ('f3eo', 'f3eo_hvp_every_2'):
-    tx = txs[name]
-    hlo[f'transform_{name}'] = xla_utils.collectives(
-      jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
-    )
+  # The reductions are platform-dependent: one variadic reduce on CPU (compiled here),
+  # separate reductions elsewhere. Emptying the CPU list compiles the GPU/TPU form here.
+  transform_module = sys.modules['f3eo_jax.transform']
+  cpu_forms = transform_module._VARIADIC_REDUCTION_PLATFORMS
+  for form, platforms in (('', cpu_forms), ('_separate', ())):
+    transform_module._VARIADIC_REDUCTION_PLATFORMS = platforms
+    try:
+      for name in ('f3eo', 'f3eo_hvp_every_2'):
+        tx = txs[name]
+        hlo[f'transform_{name}{form}'] = xla_utils.collectives(
+          jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
+        )
+    finally:
+      transform_module._VARIADIC_REDUCTION_PLATFORMS = cpu_forms
 
   def raveled_projection(grads, params):
     """What the transform must not do: inner products on the raveled pytree."""

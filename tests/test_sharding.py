@@ -75,9 +75,11 @@ def test_fsdp_on_explicit_mesh_matches_single_device(cases):
   assert result['w1_type'] == 'float32[16@data,32]'
 
 
+@pytest.mark.parametrize('form', ['', '_separate'])
 @pytest.mark.parametrize('name', ['f3eo', 'f3eo_hvp_every_2'])
-def test_transform_on_sharded_params_needs_only_scalar_all_reduces(cases, name):
-  collectives = cases['hlo'][f'transform_{name}']
+def test_transform_on_sharded_params_needs_only_scalar_all_reduces(cases, name, form):
+  """Both forms of the reductions: CPU's (compiled here) and GPU/TPU's (``_separate``)."""
+  collectives = cases['hlo'][f'transform_{name}{form}']
   assert set(collectives) == {'all-reduce'}, collectives
   assert set(collectives['all-reduce']['sizes']) == {1}, collectives
 

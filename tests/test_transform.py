@@ -39,6 +39,17 @@ def _jitted_meta_gradient(loss_fn, **options):
   return step
 
 
+@pytest.fixture(params=['variadic', 'separate'])
+def reduction_form(request, monkeypatch):
+  """Both forms of the transform's reductions, whichever this machine's platform compiles:
+  one variadic ``lax.reduce`` per pass (CPU) and separate reductions (GPU, TPU)."""
+  from f3eo_jax import transform
+
+  platforms = (jax.default_backend(),) if request.param == 'variadic' else ()
+  monkeypatch.setattr(transform, '_VARIADIC_REDUCTION_PLATFORMS', platforms)
+  return request.param
+
+
 def _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense):
   np.testing.assert_allclose(dense.ravel(e), expected_e, rtol=1e-9, atol=1e-12)
   for name in DIAGNOSTICS:
@@ -54,12 +65,29 @@ def _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostic
   assert jax.tree.structure(e) == jax.tree.structure(g)
 
 
+def test_float32_inner_products_of_a_large_leaf_are_accurate(reduction_form):
+  """A sum accumulated serially over 10⁶ float32 terms is off by ~1e-4; the passes are not."""
+  rng = np.random.default_rng(0)
+  g64 = rng.standard_normal((1000, 1000)) + 0.5
+  hg64 = 0.3 * g64 + rng.standard_normal((1000, 1000))
+  g, hg = jnp.asarray(g64, jnp.float32), jnp.asarray(hg64, jnp.float32)
+  g64, hg64 = np.asarray(g, np.float64), np.asarray(hg, np.float64)  # the float32 inputs, exactly
+  tx = f3eo_jax.add_meta_gradient(1.0, check_consistency=None)
+  _, state = jax.jit(lambda g, s: tx.update(g, s, g, hvp_fn=lambda v: hg))(g, tx.init(g))
+  diagnostics = f3eo_jax.diagnostics(state)
+  np.testing.assert_allclose(diagnostics['grad_sq_norm'], np.sum(g64 * g64), rtol=1e-5)
+  np.testing.assert_allclose(diagnostics['g_dot_hg'], np.sum(g64 * hg64), rtol=1e-5)
+  np.testing.assert_allclose(diagnostics['hg_norm'], np.sqrt(np.sum(hg64 * hg64)), rtol=1e-5)
+
+
 # SPEC §2: the effective gradient, diagnostics included.
 
 
 @pytest.mark.parametrize('activation', ['tanh', 'relu'])
 @pytest.mark.parametrize('projection', PROJECTIONS)
-def test_effective_gradient_matches_dense_reference(x64, make_mlp, projection, activation):
+def test_effective_gradient_matches_dense_reference(
+  x64, make_mlp, reduction_form, projection, activation
+):
   params, loss_fn = make_mlp(activation)
   reference = dense.derivatives(loss_fn, params)
   step = _jitted_meta_gradient(loss_fn, projection=projection)
@@ -127,7 +155,7 @@ def _ratio_of_meta_to_grad(reference, dense, params, **options):
 @pytest.mark.parametrize('orthogonalize', [True, False])
 @pytest.mark.parametrize('projection', PROJECTIONS)
 def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
-  x64, make_mlp, projection, orthogonalize
+  x64, make_mlp, reduction_form, projection, orthogonalize
 ):
   params, loss_fn = make_mlp('tanh')
   reference = dense.derivatives(loss_fn, params)

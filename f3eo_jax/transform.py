@@ -243,7 +243,8 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(p.astype(scale.dtype) * scale for p in parts)
 
 
-# Platforms on which the reductions of a pass are one variadic ``lax.reduce``.
+# Platforms on which a pass's reductions are one variadic ``lax.reduce`` over the last axis
+# (then a sum of the row results): :func:`_variadic`.
 _VARIADIC_REDUCTION_PLATFORMS: tuple[str, ...] = ('cpu',)
 
 

@@ -266,7 +266,7 @@ def main(out_path: str) -> None:
 
     return run
 
-  # The reductions are platform-dependent: one variadic reduce on CPU (compiled here),
+  # The reductions are platform-dependent: a variadic reduce over the last axis on CPU (here),
   # separate reductions elsewhere. Emptying the CPU list compiles the GPU/TPU form here.
   transform_module = sys.modules['f3eo_jax.transform']
   cpu_forms = transform_module._VARIADIC_REDUCTION_PLATFORMS

@@ -42,7 +42,8 @@ def _jitted_meta_gradient(loss_fn, **options):
 @pytest.fixture(params=['variadic', 'separate'])
 def reduction_form(request, monkeypatch):
   """Both forms of the transform's reductions, whichever this machine's platform compiles:
-  one variadic ``lax.reduce`` per pass (CPU) and separate reductions (GPU, TPU)."""
+  a variadic ``lax.reduce`` over the last axis per pass (CPU) and separate reductions
+  (GPU, TPU)."""
   from f3eo_jax import transform
 
   platforms = (jax.default_backend(),) if request.param == 'variadic' else ()

@@ -243,9 +243,11 @@ def _real_parts(x: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(p.astype(scale.dtype) * scale for p in parts)
 
 
-# Platforms on which a pass's reductions are one variadic ``lax.reduce`` over the last axis
-# (then a sum of the row results): :func:`_variadic`.
+# Platforms on which a pass's reductions are one variadic ``lax.reduce`` over short rows of
+# the last axis (then a sum of the row results): :func:`_variadic`.
 _VARIADIC_REDUCTION_PLATFORMS: tuple[str, ...] = ('cpu',)
+# The length of the rows that :func:`_variadic` reduces first, where the last axis divides.
+_CHUNK = 8
 
 
 def _separate(reduce: Callable[..., jax.Array], *terms: jax.Array) -> jax.Array:
@@ -253,14 +255,21 @@ def _separate(reduce: Callable[..., jax.Array], *terms: jax.Array) -> jax.Array:
 
 
 def _variadic(reduce: Callable[..., jax.Array], *terms: jax.Array) -> jax.Array:
-  """One variadic ``lax.reduce`` over the last axis, then a reduction of each row result.
+  """One variadic ``lax.reduce`` over short rows, then a reduction of each row result.
 
-  The first stage reads every input once and materialises nothing; its row results are
-  small. Reducing rows first also keeps float32 sums accurate (a single pass over a
-  whole leaf accumulates serially), and leaves the leading axes, where FSDP shards a
-  leaf, to separate reductions: a scalar all-reduce each under SPMD.
+  The rows are the last axis, split into rows of ``_CHUNK`` elements where it divides.
+  The first stage reads every input once and materialises only its row results. On
+  XLA:CPU, a row is a serial chain of additions: short rows let the loop overlap many
+  chains. On an MLP's 512-wide kernels, rows of 8 made a pass 1.6 (sums) to 2.5
+  (maxima with sums) times as fast as whole rows. Reducing rows first also keeps float32 sums
+  accurate (a single pass over a whole leaf accumulates serially), and leaves the
+  leading axes, where FSDP shards a leaf, to separate reductions: a scalar all-reduce
+  each under SPMD.
   """
   dtype = terms[0].dtype
+  last = terms[0].shape[-1] if terms[0].ndim else 0
+  if last > _CHUNK and last % _CHUNK == 0:
+    terms = tuple(t.reshape(*t.shape[:-1], last // _CHUNK, _CHUNK) for t in terms)
   if reduce is jnp.sum:
     init, op = jnp.zeros((), dtype), jnp.add
   else:
@@ -282,8 +291,9 @@ def _stacked(terms: Sequence[jax.Array], reduce: Callable[..., jax.Array]) -> ja
   - XLA:CPU gives each separate reduction to its YNNPACK library, which takes
     materialised inputs: the scaled ``g``, a re-laid-out ``H·g`` and the pass-3
     difference would each become a parameter-sized temporary. A variadic
-    ``lax.reduce`` over the last axis stays in XLA's own loop (:func:`_variadic`).
-    Under SPMD, a leaf sharded along its last axis then gathers the row results.
+    ``lax.reduce`` over short rows stays in XLA's own loop (:func:`_variadic`).
+    Under SPMD, a leaf sharded along its last axis adds scalar all-reduces too where
+    each device holds whole rows; otherwise it gathers the row results.
   - Elsewhere, separate reductions: XLA:GPU and TPU can fuse sibling reductions into
     one multi-output loop, and under SPMD each is a scalar all-reduce.
   """

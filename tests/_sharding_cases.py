@@ -266,17 +266,23 @@ def main(out_path: str) -> None:
 
     return run
 
-  # The reductions are platform-dependent: a variadic reduce over the last axis on CPU (here),
-  # separate reductions elsewhere. Emptying the CPU list compiles the GPU/TPU form here.
+  # The reductions are platform-dependent: a variadic reduce over short rows of the last axis
+  # on CPU (here), separate reductions elsewhere. Emptying the CPU list compiles the GPU/TPU
+  # form here. Besides FSDP, a leaf sharded along its last axis (128 = 8 devices × 2 rows of 8).
+  p_last_axis = {'w': shard(jnp.linspace(-1.0, 1.0, 8 * 128).reshape(8, 128), P(None, AXIS))}
   transform_module = sys.modules['f3eo_jax.transform']
   cpu_forms = transform_module._VARIADIC_REDUCTION_PLATFORMS
   for form, platforms in (('', cpu_forms), ('_separate', ())):
     transform_module._VARIADIC_REDUCTION_PLATFORMS = platforms
     try:
-      for name in ('f3eo', 'f3eo_hvp_every_2'):
+      for name, layout, p_in in (
+        ('f3eo', '', p_fsdp),
+        ('f3eo_hvp_every_2', '', p_fsdp),
+        ('f3eo', '_last_axis', p_last_axis),
+      ):
         tx = txs[name]
-        hlo[f'transform_{name}{form}'] = xla_utils.collectives(
-          jax.jit(transform_only(tx)).lower(p_fsdp, tx.init(p_fsdp), p_fsdp).compile().as_text()
+        hlo[f'transform_{name}{layout}{form}'] = xla_utils.collectives(
+          jax.jit(transform_only(tx)).lower(p_in, tx.init(p_in), p_in).compile().as_text()
         )
     finally:
       transform_module._VARIADIC_REDUCTION_PLATFORMS = cpu_forms

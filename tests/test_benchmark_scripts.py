@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import xla_utils
@@ -31,10 +32,11 @@ STEP_TIME_VARIANTS = (
   'f3eo',
   'f3eo_every10_linearize',
   'f3eo_every10_python',
+  'adamw_one_pass',
   'torch_adamw',
   'torch_f3eo',
 )
-JAX_ROWS = STEP_TIME_VARIANTS[:4]
+JAX_ROWS = STEP_TIME_VARIANTS[:5]
 
 
 @pytest.mark.parametrize('name', ['xla_utils', 'timing', 'outputs', 'torch_f3eo'])
@@ -137,12 +139,43 @@ def test_step_time_targets_and_wide_memory_rows(step_time_out):
   assert _positive(exact['floor'])
   assert targets[('time', 'f3eo_linearize')]['status'].startswith('not measured')
   assert targets[('time', 'f3eo_every10_linearize')]['bound'] == 1.2
+  # The pass floor: one refresh step (the lower of its FLOP and time ratios), nine steps
+  # of the one-pass floor.
+  rows, ratios = results['mlp']['variants'], results['mlp']['ratios']
+  refresh = min(rows['f3eo']['flops'] / rows['adamw']['flops'], ratios['f3eo/adamw'])
+  expected = (refresh + 9 * ratios['adamw_one_pass/adamw']) / 10
+  assert targets[('time', 'f3eo_every10_python')]['pass_floor'] == pytest.approx(expected)
+  assert targets[('time', 'f3eo')]['pass_floor'] is None
+  assert '| pass floor |' in md
   wide = results['mlp_wide']
   assert wide['kind'] == 'memory_only' and wide['num_params'] > 0
   peaks = {v: row['memory']['peak'] for v, row in wide['variants'].items()}
   assert set(peaks) == {'adamw', 'f3eo'} and peaks['f3eo'] > peaks['adamw'] > 0
   assert wide['targets'][0]['value'] == pytest.approx(peaks['f3eo'] / peaks['adamw'])
   assert '## mlp_wide: memory only' in md and 'Targets (CPU)' in md
+
+
+def test_one_pass_floor_computes_the_capped_projection_it_stands_for():
+  """The floor's transform does the work it claims: ``g + κ·(v − r·g)``, checked in numpy."""
+  import jax.numpy as jnp
+
+  from benchmarks import step_time
+
+  rng = np.random.default_rng(0)
+  g = {'a': rng.standard_normal((4, 16)), 'b': rng.standard_normal(5)}  # rows of 8, and whole
+  v = {'a': rng.standard_normal((4, 16)), 'b': rng.standard_normal(5)}
+  tx = step_time.one_pass_reuse(max_ratio=0.1)
+  as32 = lambda t: {k: jnp.asarray(x, jnp.float32) for k, x in t.items()}
+  out, state = tx.update(as32(g), as32(v))
+
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(t[k], np.float64)) for k in ('a', 'b')])
+  g64, v64 = flat(as32(g)), flat(as32(v))
+  r = g64 @ v64 / (g64 @ g64)
+  perp = v64 - r * g64
+  kappa = min(1.0, 0.1 * np.linalg.norm(g64) / np.linalg.norm(perp))
+  assert kappa < 1  # the cap binds
+  np.testing.assert_allclose(flat(out), g64 + kappa * perp, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(flat(state), v64)  # the stored vector is kept
 
 
 def test_step_time_linearize_objective_matches_the_flax_helper():

@@ -76,9 +76,13 @@ def test_fsdp_on_explicit_mesh_matches_single_device(cases):
 
 
 @pytest.mark.parametrize('form', ['', '_separate'])
-@pytest.mark.parametrize('name', ['f3eo', 'f3eo_hvp_every_2'])
+@pytest.mark.parametrize('name', ['f3eo', 'f3eo_hvp_every_2', 'f3eo_last_axis'])
 def test_transform_on_sharded_params_needs_only_scalar_all_reduces(cases, name, form):
-  """Both forms of the reductions: CPU's (compiled here) and GPU/TPU's (``_separate``)."""
+  """Both forms of the reductions: CPU's (compiled here) and GPU/TPU's (``_separate``).
+
+  ``f3eo_last_axis``: a leaf sharded along its last axis, which the CPU form splits into
+  rows of 8; each device holds whole rows.
+  """
   collectives = cases['hlo'][f'transform_{name}{form}']
   assert set(collectives) == {'all-reduce'}, collectives
   assert set(collectives['all-reduce']['sizes']) == {1}, collectives

@@ -42,7 +42,7 @@ def _jitted_meta_gradient(loss_fn, **options):
 @pytest.fixture(params=['variadic', 'separate'])
 def reduction_form(request, monkeypatch):
   """Both forms of the transform's reductions, whichever this machine's platform compiles:
-  a variadic ``lax.reduce`` over the last axis per pass (CPU) and separate reductions
+  a variadic ``lax.reduce`` over short rows of the last axis per pass (CPU) and separate reductions
   (GPU, TPU)."""
   from f3eo_jax import transform
 
@@ -187,6 +187,33 @@ def test_relative_cap_bounds_the_meta_term_by_a_fraction_of_the_gradient(
     else:
       assert meta_norm <= bound * (1 + 1e-9)
     assert diagnostics['cap_scale'] < 1
+
+
+@pytest.mark.parametrize('projection', PROJECTIONS)
+def test_reductions_over_rows_split_or_whole_match_dense_reference(
+  x64, make_mlp, reduction_form, projection
+):
+  # Last axes of 16 (split into rows of 8 by the CPU form) and 12 (reduced whole), with
+  # the cap on, so that the maxima, the inner products and the cap's norm all run.
+  params, loss_fn = make_mlp('tanh', widths=(3, 16, 12))
+  assert {p.shape[-1] for p in jax.tree.leaves(params)} == {16, 12}
+  reference = dense.derivatives(loss_fn, params)
+  step = _jitted_meta_gradient(loss_fn, projection=projection)
+  ratio = _ratio_of_meta_to_grad(reference, dense, params, meta_coef=1.0, projection=projection)
+
+  for meta_coef, meta_max_ratio in ((1.0, 0.3 * ratio), (-2.0, None)):
+    g, e, diagnostics = step(params, meta_coef, None, meta_max_ratio)
+
+    expected_e, expected_diagnostics = dense.meta_gradient(
+      reference.hessian,
+      reference.grad,
+      dense.leaf_sizes(params),
+      meta_coef=meta_coef,
+      projection=projection,
+      meta_max_ratio=meta_max_ratio,
+    )
+    _assert_matches_reference(g, e, diagnostics, expected_e, expected_diagnostics, dense)
+    assert expected_diagnostics['cap_bound'] == (meta_max_ratio is not None)
 
 
 @pytest.mark.parametrize('projection', PROJECTIONS)

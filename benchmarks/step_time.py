@@ -24,7 +24,7 @@ optimizers come from :mod:`benchmarks.registry`, the loss, gradient and ``obj_fn
 - ``adamw_one_pass``: a floor for the reuse step, not an F3EO. AdamW on ``g + κ·(v − r·g)``
   for a stored parameter-sized ``v`` (as the reuse step reads its stored ``H·g``), with ``r``
   and a cap ``κ`` from ``⟨g, g⟩``, ``⟨g, v⟩``, ``⟨v, v⟩`` summed in one fused pass (the
-  fastest form measured here: a variadic reduce over rows of 8), unscaled, with no
+  library's own reduction form; on CPU a variadic reduce over rows of 8), unscaled, with no
   maxima, no second pass for the cap's norm and no diagnostics. A reuse step that
   projects on this step's ``g`` has this work to do at least; the targets table turns
   it into a pass floor for ``hvp_every=10``: a refresh step at the lower of its FLOP
@@ -285,17 +285,12 @@ def one_pass_reuse(max_ratio: float = 0.03):
   import jax.numpy as jnp
   import optax
 
+  # The library's reductions (private): the floor reduces the way the library does, on
+  # every platform.
+  from f3eo_jax.transform import _stacked
+
   def sums(g, v):
-    chunk = 8 if g.size % 8 == 0 else g.size
-    a, b = g.reshape(-1, chunk), v.reshape(-1, chunk)
-    zero = jnp.zeros((), g.dtype)
-    rows = jax.lax.reduce(
-      (a * a, a * b, b * b),
-      (zero,) * 3,
-      lambda xs, ys: tuple(x + y for x, y in zip(xs, ys)),
-      (1,),
-    )
-    return jnp.stack([jnp.sum(r) for r in rows])
+    return _stacked([g * g, g * v, v * v], jnp.sum)
 
   def init_fn(params):
     return jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)

@@ -10,31 +10,34 @@ Public API:
 - :func:`diagnostics`: the last update's ``‖g‖²``, ``⟨g, H·g⟩``, ``‖H·g‖``, ``‖m⊥‖``,
   ``cos(g, H·g)``, the cap's scale and the safety counters;
   :func:`raise_on_mismatch`: the gradient check, turned into an exception on the host.
+- :func:`scale_by_amsgrad_torch`: AMSGrad in PyTorch's order.
 
 Flax helpers live in :mod:`f3eo_jax.flax` (needs the ``flax`` extra).
 """
 
+import warnings as _warnings
+from typing import Any as _Any
+
 from f3eo_jax.alias import DEFAULT_META_MAX_RATIO, f3eo, f3eo_reference
+from f3eo_jax.amsgrad import TorchAmsgradState, scale_by_amsgrad_torch
 from f3eo_jax.hvp import accumulated_value_grad_and_hvp, grad_and_hvp, hvp, value_grad_and_hvp
-from f3eo_jax.transform import (
+from f3eo_jax.state import (
   GradientMismatchError,
   MetaGradientDiagnostics,
   MetaGradientState,
-  ScaleByAmsgradState,
-  add_meta_gradient,
   diagnostics,
   raise_on_mismatch,
-  scale_by_amsgrad_torch,
 )
+from f3eo_jax.transform import add_meta_gradient
 
-__version__ = '0.2.0'
+__version__ = '0.3.0.dev0'
 
 __all__ = [
   'DEFAULT_META_MAX_RATIO',
   'GradientMismatchError',
   'MetaGradientDiagnostics',
   'MetaGradientState',
-  'ScaleByAmsgradState',
+  'TorchAmsgradState',
   'accumulated_value_grad_and_hvp',
   'add_meta_gradient',
   'diagnostics',
@@ -46,3 +49,19 @@ __all__ = [
   'scale_by_amsgrad_torch',
   'value_grad_and_hvp',
 ]
+
+_DEPRECATED = {
+  'ScaleByAmsgradState': (
+    TorchAmsgradState,
+    'f3eo_jax.ScaleByAmsgradState is deprecated: it is not optax.ScaleByAmsgradState.'
+    ' Use f3eo_jax.TorchAmsgradState.',
+  ),
+}
+
+
+def __getattr__(name: str) -> _Any:
+  if name in _DEPRECATED:
+    value, message = _DEPRECATED[name]
+    _warnings.warn(message, DeprecationWarning, stacklevel=2)
+    return value
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -7,7 +7,9 @@ from typing import Any
 import optax
 
 from f3eo_jax._types import AxisName, MaskOrFn, Projection, ScalarLike
-from f3eo_jax.transform import _check_bool, add_meta_gradient, scale_by_amsgrad_torch
+from f3eo_jax.amsgrad import scale_by_amsgrad_torch
+from f3eo_jax.checks import check_bool
+from f3eo_jax.transform import add_meta_gradient
 
 __all__ = ['DEFAULT_META_MAX_RATIO', 'f3eo', 'f3eo_reference']
 
@@ -177,7 +179,7 @@ def f3eo_reference(
     >>> import f3eo_jax
     >>> tx = f3eo_jax.f3eo_reference(1e-3, weight_decay=5e-4)
   """
-  _check_bool('amsgrad', amsgrad)
+  check_bool('amsgrad', amsgrad)
   scale_by_moments = (
     scale_by_amsgrad_torch(b1, b2, eps, mu_dtype=mu_dtype)
     if amsgrad

@@ -28,6 +28,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import f3eo_jax  # noqa: E402
+from f3eo_jax import reductions  # noqa: E402
 
 NUM_DEVICES = 8
 NUM_STEPS = 4
@@ -270,10 +271,9 @@ def main(out_path: str) -> None:
   # on CPU (here), separate reductions elsewhere. Emptying the CPU list compiles the GPU/TPU
   # form here. Besides FSDP, a leaf sharded along its last axis (128 = 8 devices × 2 rows of 8).
   p_last_axis = {'w': shard(jnp.linspace(-1.0, 1.0, 8 * 128).reshape(8, 128), P(None, AXIS))}
-  transform_module = sys.modules['f3eo_jax.transform']
-  cpu_forms = transform_module._VARIADIC_REDUCTION_PLATFORMS
+  cpu_forms = reductions.ROWS_FIRST_PLATFORMS
   for form, platforms in (('', cpu_forms), ('_separate', ())):
-    transform_module._VARIADIC_REDUCTION_PLATFORMS = platforms
+    reductions.ROWS_FIRST_PLATFORMS = platforms
     try:
       for name, layout, p_in in (
         ('f3eo', '', p_fsdp),
@@ -285,7 +285,7 @@ def main(out_path: str) -> None:
           jax.jit(transform_only(tx)).lower(p_in, tx.init(p_in), p_in).compile().as_text()
         )
     finally:
-      transform_module._VARIADIC_REDUCTION_PLATFORMS = cpu_forms
+      reductions.ROWS_FIRST_PLATFORMS = cpu_forms
 
   def raveled_projection(grads, params):
     """What the transform must not do: inner products on the raveled pytree."""

@@ -44,10 +44,10 @@ def reduction_form(request, monkeypatch):
   """Both forms of the transform's reductions, whichever this machine's platform compiles:
   a variadic ``lax.reduce`` over short rows of the last axis per pass (CPU) and separate reductions
   (GPU, TPU)."""
-  from f3eo_jax import transform
+  from f3eo_jax import reductions
 
   platforms = (jax.default_backend(),) if request.param == 'variadic' else ()
-  monkeypatch.setattr(transform, '_VARIADIC_REDUCTION_PLATFORMS', platforms)
+  monkeypatch.setattr(reductions, 'ROWS_FIRST_PLATFORMS', platforms)
   return request.param
 
 

@@ -5,6 +5,8 @@ Public API:
 - :func:`f3eo`: the theory's rule, capped so that it trains, followed by AdamW;
   :func:`f3eo_reference`: the published PyTorch rule, step for step.
 - :func:`add_meta_gradient`: the transform ``g ↦ g + (c·H·g)⊥``, for your own chains.
+- :func:`jit_amortized`: a training step compiled twice, refreshing ``H·g`` on one
+  update in ``k`` (``hvp_every=k``) without a ``lax.cond``.
 - :func:`hvp`, :func:`grad_and_hvp`, :func:`value_grad_and_hvp`,
   :func:`accumulated_value_grad_and_hvp`: matrix-free Hessian-vector products.
 - :func:`diagnostics`: the last update's ``‖g‖²``, ``⟨g, H·g⟩``, ``‖H·g‖``, ``‖m⊥‖``,
@@ -19,6 +21,7 @@ import warnings as _warnings
 from typing import Any as _Any
 
 from f3eo_jax.alias import DEFAULT_META_MAX_RATIO, f3eo, f3eo_reference
+from f3eo_jax.amortize import AmortizedStep, jit_amortized
 from f3eo_jax.amsgrad import TorchAmsgradState, scale_by_amsgrad_torch
 from f3eo_jax.hvp import accumulated_value_grad_and_hvp, grad_and_hvp, hvp, value_grad_and_hvp
 from f3eo_jax.state import (
@@ -34,6 +37,7 @@ __version__ = '0.3.0.dev0'
 
 __all__ = [
   'DEFAULT_META_MAX_RATIO',
+  'AmortizedStep',
   'GradientMismatchError',
   'MetaGradientDiagnostics',
   'MetaGradientState',
@@ -45,6 +49,7 @@ __all__ = [
   'f3eo_reference',
   'grad_and_hvp',
   'hvp',
+  'jit_amortized',
   'raise_on_mismatch',
   'scale_by_amsgrad_torch',
   'value_grad_and_hvp',

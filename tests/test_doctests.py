@@ -10,7 +10,7 @@ import pytest
 # Every module of the library; a public function or class there carries an example.
 MODULES = sorted(
   {'f3eo_jax', 'f3eo_jax.flax'}
-  | {f'f3eo_jax.{name}' for name in ('alias', 'amsgrad', 'hvp', 'state', 'transform')}
+  | {f'f3eo_jax.{name}' for name in ('alias', 'amortize', 'amsgrad', 'hvp', 'state', 'transform')}
 )
 MUST_HAVE_EXAMPLES = set(MODULES) - {'f3eo_jax'}
 

@@ -8,7 +8,7 @@ from typing import Any, Literal, TypeAlias
 import jax
 
 PyTree: TypeAlias = Any
-"""A JAX pytree: nested dicts, lists, tuples and NamedTuples of arrays."""
+"""A JAX pytree (nested dicts, lists, tuples and NamedTuples of arrays)."""
 
 ObjFn: TypeAlias = Callable[[PyTree], jax.Array]
 """The loss as a function of the parameters alone, returning a scalar."""
@@ -21,7 +21,7 @@ MaskOrFn: TypeAlias = Any
 parameters returning one, or ``None``."""
 
 Projection: TypeAlias = Literal['global', 'per_leaf']
-"""How the meta term is made orthogonal to ``g``: over the whole pytree, or per array."""
+"""How the meta term is made orthogonal to ``g`` (over the whole pytree, or per array)."""
 
 ScalarLike: TypeAlias = jax.typing.ArrayLike
 """A Python number or a scalar array (``optax.inject_hyperparams`` passes arrays)."""

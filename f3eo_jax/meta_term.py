@@ -8,9 +8,9 @@ coefficient ``κ`` and one ratio ``r`` per segment:
 
 .. math::
 
-  m_\perp = \kappa\,(\hat h - r\,\hat g), \qquad
-  e = g + m_\perp \quad\text{(:func:`combine`, one elementwise pass)}.
+  m_\perp = \kappa\,(\hat h - r\,\hat g), \qquad e = g + m_\perp,
 
+the last in one elementwise pass (:func:`combine`).
 The scaling keeps every quantity representable whenever the result is, so huge or tiny
 gradients are handled exactly.
 """

@@ -55,10 +55,14 @@ def add_meta_gradient(
   ``e = g + m⊥``:
 
   .. math::
-    m = c\,H g,\qquad
-    m \leftarrow m \min\!\Big(1, \frac{\tau}{\|m\| + 10^{-6}}\Big),\qquad
-    m_\perp = m - \frac{\langle m, g\rangle}{\langle g, g\rangle}\, g,\qquad
-    m_\perp \leftarrow m_\perp \min\!\Big(1, \frac{\rho \|g\|}{\|m_\perp\|}\Big),
+
+    \begin{aligned}
+    m &= c\,H g, \\
+    m &\leftarrow m \min\!\Big(1, \frac{\tau}{\|m\| + 10^{-6}}\Big), \\
+    m_\perp &= m - \frac{\langle m, g\rangle}{\langle g, g\rangle}\, g, \\
+    m_\perp &\leftarrow m_\perp \min\!\Big(1, \frac{\rho \|g\|}{\|m_\perp\|}\Big), \\
+    e &= g + m_\perp,
+    \end{aligned}
 
   with ``c = meta_coef``, ``τ = meta_clip_norm`` (optional absolute clip),
   ``ρ = meta_max_ratio`` (optional relative cap) and the projection optional; it is
@@ -97,8 +101,9 @@ def add_meta_gradient(
       exact uncapped rule.
     hvp_every: refresh ``H·g`` on updates ``0, k, 2k, …`` only and reuse the stored
       product (projected against the current ``g``) in between. By default the
-      schedule runs inside the compiled step under ``jax.lax.cond``; pass
-      ``refresh_hvp=`` to ``update`` to decide at Python level instead. An array
+      schedule runs inside the compiled step under ``jax.lax.cond``;
+      :func:`f3eo_jax.jit_amortized` runs it as two compiled steps instead (faster,
+      most of all on CPU), passing ``refresh_hvp=`` to ``update``. An array
       (``optax.inject_hyperparams`` makes one) works too; the state then always
       stores a product.
     meta_mask: a pytree of bools like the params (or a prefix of it), or a function

@@ -1,6 +1,6 @@
 """Every public optimizer, and optax's optimization targets run once per optimizer.
 
-Shared by ``test_optax_patterns.py`` and ``test_safety.py``. The parabola and Rosenbrock
+For ``test_optax_patterns.py``. The parabola and Rosenbrock
 targets are those of optax's ``_src/alias_test.py`` (for complex dtypes the optimum moves
 to ``a = 1+1j``); the step conjugates ``jax.grad``, as optax does for complex parameters.
 The four runs of an optimizer (two targets, float32 and complex64) are one jitted

@@ -22,8 +22,16 @@ PyTree = Any
 
 
 def ravel(tree: PyTree) -> np.ndarray:
-  """A pytree's leaves as one float64 numpy vector, in ``jax.tree.leaves`` order."""
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+  """A pytree's leaves as one float64 numpy vector, in ``jax.tree.leaves`` order.
+
+  A complex leaf counts as its pair of real parameters: its real parts, then its
+  imaginary parts.
+  """
+  parts = []
+  for x in jax.tree.leaves(tree):
+    x = np.asarray(x)
+    parts += [x.real, x.imag] if np.iscomplexobj(x) else [x]
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in parts])
 
 
 _DERIVATIVES: dict[Any, types.SimpleNamespace] = {}
@@ -137,6 +145,41 @@ def meta_gradient(
   return grads + m, diagnostics
 
 
+def meta_gradient_at(
+  reference: types.SimpleNamespace, params: PyTree, **options: Any
+) -> tuple[np.ndarray, dict[str, float]]:
+  """:func:`meta_gradient` with the Hessian and gradient of :func:`derivatives` at ``params``."""
+  return meta_gradient(reference.hessian, reference.grad, leaf_sizes(params), **options)
+
+
+def meta_to_grad_ratio(
+  hessian: np.ndarray, grads: np.ndarray, leaf_sizes: Sequence[int], **options: Any
+) -> float:
+  """``‖m⊥‖ / ‖g‖`` of the uncapped rule (per leaf: the largest ratio over the leaves)."""
+  meta = meta_gradient(hessian, grads, leaf_sizes, **options)[0] - grads
+  if options.get('projection') == 'per_leaf':
+    bounds = np.cumsum([0, *leaf_sizes])
+    segments = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+  else:
+    segments = [slice(0, grads.size)]
+  return max(np.linalg.norm(meta[s]) / np.linalg.norm(grads[s]) for s in segments)
+
+
+def effective_gradient(
+  loss_fn: Callable[[PyTree], jax.Array], params: PyTree, **options: Any
+) -> tuple[np.ndarray, dict[str, float], types.SimpleNamespace]:
+  """``(e, diagnostics, derivatives)`` of the rule in numpy, from ``jax.hessian`` in float64.
+
+  The params are cast to float64 (same values) and raveled; ``options`` are those of
+  :func:`meta_gradient`.
+  """
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda p: jnp.asarray(np.asarray(p, np.float64)), params)
+    reference = derivatives(loss_fn, params64)
+  e, diagnostics = meta_gradient(reference.hessian, reference.grad, leaf_sizes(params), **options)
+  return e, diagnostics, reference
+
+
 def leaf_sizes(tree: PyTree) -> list[int]:
   return [int(np.size(x)) for x in jax.tree.leaves(tree)]
 
@@ -144,3 +187,24 @@ def leaf_sizes(tree: PyTree) -> list[int]:
 def mask_per_coordinate(leaf_mask: PyTree) -> np.ndarray:
   """A per-leaf bool pytree (leaves are arrays of the params' shapes) as one bool vector."""
   return np.concatenate([np.asarray(m, bool).ravel() for m in jax.tree.leaves(leaf_mask)])
+
+
+# Comparisons of pytrees, leaf by leaf.
+
+
+def assert_trees_equal(actual: PyTree, expected: PyTree) -> None:
+  """The same tree structure, dtypes and values, to the bit."""
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    assert a.dtype == e.dtype
+    np.testing.assert_array_equal(a, e)
+
+
+def assert_trees_close(actual: PyTree, expected: PyTree, rtol: float, atol: float = 0.0) -> None:
+  """Leaf by leaf ``assert_allclose`` in float64."""
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol, atol)
+
+
+def all_finite(tree: PyTree) -> bool:
+  return all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves(tree))

@@ -1,4 +1,4 @@
-"""Shared fixtures: float64 on demand, and small random MLPs with their losses."""
+"""Shared fixtures: float64 on demand, both reduction forms, small random MLPs and their losses."""
 
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def _random_mlp(activation, widths, num_examples, param_seed, data_seed, dtype, 
     return optax.softmax_cross_entropy_with_integer_labels(h, labels).mean()
 
   return params, loss_fn
+
+
+@pytest.fixture(params=['rows_first', 'one_by_one'])
+def reduction_form(request, monkeypatch):
+  """Both forms of the transform's reductions, whichever this machine's platform compiles:
+  a variadic ``lax.reduce`` over short rows of the last axis per pass (CPU) and separate
+  reductions (GPU, TPU)."""
+  from f3eo_jax import reductions
+
+  platforms = (jax.default_backend(),) if request.param == 'rows_first' else ()
+  monkeypatch.setattr(reductions, 'ROWS_FIRST_PLATFORMS', platforms)
+  return request.param
 
 
 @pytest.fixture

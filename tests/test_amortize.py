@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _problems as problems
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,23 +15,14 @@ K, NUM_STEPS = 3, 8
 
 
 def _problem():
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  params = {'w1': 0.5 * jax.random.normal(k1, (6, 8)), 'w2': 0.5 * jax.random.normal(k2, (8, 3))}
-  xs = jax.random.normal(k3, (NUM_STEPS, 16, 6))
-  ys = jnp.arange(NUM_STEPS * 16).reshape(NUM_STEPS, 16) % 3
-  return params, xs, ys
-
-
-def _loss(params, x, y):
-  logits = jnp.tanh(x @ params['w1']) @ params['w2']
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return problems.sequence_problem(NUM_STEPS)
 
 
 def _make_step(tx, traces=None):
   def train_step(params, opt_state, x, y, *, refresh_hvp=None):
     if traces is not None:
       traces.append(refresh_hvp)
-    obj_fn = lambda p: _loss(p, x, y)
+    obj_fn = lambda p: problems.sequence_loss(p, x, y)
     grads = jax.grad(obj_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params, obj_fn=obj_fn, refresh_hvp=refresh_hvp)
     return optax.apply_updates(params, updates), opt_state

@@ -1,10 +1,17 @@
-"""F3EO under jit, in low precision, inside Optax wrappers, and with hvp_every > 1."""
+"""F3EO with the rest of JAX and Optax: jit, low precision, and inside Optax's wrappers.
+
+``optax.chain``, ``inject_hyperparams``, ``MultiSteps`` and ``apply_if_finite`` give the
+same numbers as plain F3EO where they should, and where they cannot (micro-batches of
+different data, a NaN gradient, a product that is not finite) F3EO drops its meta term
+and says so. Optax's own test patterns are in test_optax_patterns.py.
+"""
 
 from __future__ import annotations
 
 import collections
 import functools
 
+import _problems as problems
 import _references as dense
 import jax
 import jax.flatten_util
@@ -15,7 +22,7 @@ import pytest
 
 import f3eo_jax
 
-LEARNING_RATE = 0.05
+LEARNING_RATE = problems.LEARNING_RATE
 
 
 def _loss(params, batch):
@@ -61,11 +68,6 @@ def _run(step, tx, params, batches):
   return params, opt_state
 
 
-def _assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol, atol)
-
-
 # jit: same numbers, and no retracing.
 
 
@@ -92,8 +94,8 @@ def test_jit_and_eager_updates_agree():
     eager_params, eager_state = step(eager_params, eager_state)
     jit_params, jit_state = jit_step(jit_params, jit_state)
 
-  _assert_trees_close(jit_params, eager_params, rtol=1e-5, atol=1e-6)
-  _assert_trees_close(jit_state, eager_state, rtol=1e-4, atol=1e-6)
+  dense.assert_trees_close(jit_params, eager_params, rtol=1e-5, atol=1e-6)
+  dense.assert_trees_close(jit_state, eager_state, rtol=1e-4, atol=1e-6)
   assert not np.allclose(jit_params['w'], params['w'])  # it did move
 
 
@@ -155,7 +157,7 @@ _TRANSFORMS = {
   'f3eo': lambda: _PLAIN,
   'f3eo_reference_amsgrad': lambda: f3eo_jax.f3eo_reference(LEARNING_RATE, amsgrad=True),
   # Clipping before the meta-gradient changes g, which the default gradient check
-  # would flag (tests/test_safety.py); here the check is off to compare the numbers.
+  # would flag (tests/test_product.py); here the check is off to compare the numbers.
   'chain': lambda: optax.chain(optax.clip_by_global_norm(_CLIP), _UNCHECKED),
   'inject_hyperparams': lambda: optax.inject_hyperparams(f3eo_jax.f3eo)(
     learning_rate=LEARNING_RATE,
@@ -236,8 +238,8 @@ def test_f3eo_inside_an_optax_wrapper_matches_plain_f3eo(wrapper):
       plain_params, plain_state, _ = plain_step(plain_params, plain_state, batch)
 
     # float32: hyperparameters held as arrays round a little differently
-    _assert_trees_close(wrapped_params, plain_params, rtol=1e-5, atol=1e-6)
-    _assert_trees_close(
+    dense.assert_trees_close(wrapped_params, plain_params, rtol=1e-5, atol=1e-6)
+    dense.assert_trees_close(
       f3eo_jax.diagnostics(wrapped_state), f3eo_jax.diagnostics(plain_state), 1e-5, 1e-6
     )
   assert f3eo_jax.diagnostics(wrapped_state)['hg_norm'] > 0
@@ -254,7 +256,7 @@ def test_inject_hyperparams_meta_coef_and_learning_rate_can_be_changed_in_the_st
 
   expected_tx = f3eo_jax.f3eo(LEARNING_RATE / 2, meta_coef=0.5, hvp_every=2)
   expected, _ = jax.jit(_train_step(expected_tx))(params, expected_tx.init(params), batches[0])
-  _assert_trees_close(new_params, expected, rtol=1e-5, atol=1e-6)
+  dense.assert_trees_close(new_params, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_apply_if_finite_leaves_params_and_inner_state_untouched_on_nan_gradients():
@@ -281,82 +283,77 @@ def test_apply_if_finite_leaves_params_and_inner_state_untouched_on_nan_gradient
   assert all(np.isfinite(v) for v in f3eo_jax.diagnostics(new_state).values())
 
 
-# hvp_every=k: recompute on steps 0, k, 2k, ...; reuse the stored H·g in between.
+# Non-finite numbers, gradient accumulation and complex params inside Optax wrappers.
 
 
-def _trajectory(loss_fn, params, num_steps):
-  """Fixed params along a line, so different hvp_every see the same params and gradients."""
-  direction = jax.tree.map(
-    lambda p: 0.2 * jnp.cos(jnp.arange(p.size).reshape(p.shape) + 1.0), params
-  )
-  return [jax.tree.map(lambda p, d, t=t: p + t * d, params, direction) for t in range(num_steps)]
-
-
-def test_hvp_every_recomputes_every_k_steps_and_projects_the_stored_product_on_the_current_gradient(
-  x64, make_mlp
-):
-  params, loss_fn = make_mlp('tanh')
-  num_steps, k, meta_coef = 7, 3, -2.0
-
-  def run(hvp_every):
-    tx = f3eo_jax.add_meta_gradient(meta_coef, hvp_every=hvp_every)
-
-    @jax.jit
-    def step(params, state):
-      g = jax.grad(loss_fn)(params)
-      e, state = tx.update(g, state, params, obj_fn=loss_fn)
-      return e, state
-
-    state, outputs = tx.init(params), []
-    for p in _trajectory(loss_fn, params, num_steps):
-      e, state = step(p, state)
-      outputs.append((dense.ravel(e), f3eo_jax.diagnostics(state)))
-    return outputs
-
-  every_k, every_step = run(k), run(1)
-
-  stored_hg = None
-  for t, p in enumerate(_trajectory(loss_fn, params, num_steps)):
-    reference = dense.derivatives(loss_fn, p)
-    if t % k == 0:
-      stored_hg = reference.hessian @ reference.grad
-      np.testing.assert_allclose(every_k[t][0], every_step[t][0], rtol=1e-12, atol=1e-14)
-    else:
-      assert not np.allclose(every_k[t][0], every_step[t][0], rtol=1e-6)
-    expected_e, expected_diagnostics = dense.meta_gradient(
-      reference.hessian, reference.grad, dense.leaf_sizes(p), meta_coef=meta_coef, hg=stored_hg
-    )
-    np.testing.assert_allclose(
-      every_k[t][0], expected_e, rtol=1e-9, atol=1e-12, err_msg=f'step {t}'
-    )
-    for name, value in expected_diagnostics.items():
-      if name != 'cap_bound':
-        np.testing.assert_allclose(every_k[t][1][name], value, rtol=1e-5, atol=1e-9, err_msg=name)
-    # The stored product is projected against the current g: orthogonal to it.
-    assert abs((every_k[t][0] - reference.grad) @ reference.grad) <= 1e-10 * np.linalg.norm(
-      every_k[t][0] - reference.grad
-    ) * np.linalg.norm(reference.grad)
-
-
-@pytest.mark.parametrize('hvp_every,expected_calls', [(1, 7), (3, 3)])
-def test_steps_between_recomputations_do_not_evaluate_hvp_fn(hvp_every, expected_calls):
-  params, batches = _problem(num_batches=7)
-  tx = f3eo_jax.f3eo(LEARNING_RATE, hvp_every=hvp_every)
-  calls = []
+@functools.cache
+def _apply_if_finite_step(problem):
+  loss_fn = problems.NON_FINITE_PROBLEMS[problem]()[0]
+  tx = optax.apply_if_finite(f3eo_jax.f3eo(LEARNING_RATE), 3)
 
   @jax.jit
-  def step(params, opt_state, batch):
-    obj_fn = lambda p: _loss(p, batch)
-    loss, grads, linear_hvp_fn = f3eo_jax.value_grad_and_hvp(obj_fn, params)
+  def step(params, state, grad_scale):
+    grads = jax.tree.map(lambda x: x * grad_scale.astype(x.dtype), jax.grad(loss_fn)(params))
+    updates, state = tx.update(grads, state, params, obj_fn=loss_fn)
+    return optax.apply_updates(params, updates), state, grads
 
-    def hvp_fn(tangent):
-      jax.debug.callback(lambda: calls.append(1))
-      return linear_hvp_fn(tangent)
+  return tx, step
 
-    updates, opt_state = tx.update(grads, opt_state, params, hvp_fn=hvp_fn)
-    return optax.apply_updates(params, updates), opt_state
 
-  _run(step, tx, params, batches)
-  jax.effects_barrier()
+@pytest.mark.parametrize('problem', list(problems.NON_FINITE_PROBLEMS))
+def test_apply_if_finite_takes_the_step_with_a_dropped_meta_term_and_rejects_nan_gradients(problem):
+  _, bad_params, _ = problems.NON_FINITE_PROBLEMS[problem]()
+  tx, step = _apply_if_finite_step(problem)
 
-  assert len(calls) == expected_calls
+  new_params, state, grads = step(bad_params, tx.init(bad_params), jnp.float32(1.0))
+
+  assert int(state.notfinite_count) == 0 and bool(state.last_finite)  # the step was taken
+  assert dense.all_finite(new_params)
+  problems.assert_adamw_on(grads, bad_params, new_params, state, rtol=1e-3, atol=1e-4)
+  assert not np.allclose(dense.ravel(new_params), dense.ravel(bad_params))
+  assert f3eo_jax.diagnostics(state)['nonfinite_count'] == 1
+
+  # A genuinely non-finite gradient is still rejected by apply_if_finite.
+  rejected_params, rejected_state, _ = step(new_params, state, jnp.float32(np.nan))
+
+  dense.assert_trees_equal(rejected_params, new_params)
+  assert int(rejected_state.notfinite_count) == 1 and not bool(rejected_state.last_finite)
+  dense.assert_trees_equal(rejected_state.inner_state, state.inner_state)
+
+
+def test_multisteps_over_different_micro_batches_is_detected_and_steps_like_adamw_on_the_mean():
+  params, batch_a, batch_b = problems.mlp_params(), problems.mlp_batch(0), problems.mlp_batch(1)
+  tx = optax.MultiSteps(f3eo_jax.f3eo(LEARNING_RATE), every_k_schedule=2)
+  step = problems.update_step(tx)
+
+  params_1, state, grads_a = step(params, tx.init(params), batch_a, batch_a)
+  dense.assert_trees_equal(params_1, params)  # the first micro-batch only accumulates
+  params_2, state, grads_b = step(params_1, state, batch_b, batch_b)
+
+  # MultiSteps hands F3EO the mean gradient with batch b's obj_fn: the term is dropped.
+  mean_grads = jax.tree.map(lambda a, b: (a + b) / 2, grads_a, grads_b)
+  problems.assert_adamw_on(mean_grads, params, params_2, state, rtol=1e-6, atol=1e-7)
+  diagnostics = f3eo_jax.diagnostics(state)
+  assert diagnostics['mismatch_count'] == 1 and diagnostics['grad_mismatch'] > 0.05
+  with pytest.raises(f3eo_jax.GradientMismatchError, match='MultiSteps') as info:
+    f3eo_jax.raise_on_mismatch(state)
+  assert 'accumulated_value_grad_and_hvp' in str(info.value)
+
+
+def test_inject_hyperparams_works_with_complex_params():
+  # Optax casts injected float hyperparameters to the params' complex dtype.
+  obj = lambda z: jnp.sum(jnp.real(z) ** 2 + 3 * jnp.imag(z) ** 2 + jnp.real(z) ** 3)
+  params = jnp.array([1 + 1j, 2 - 1j], jnp.complex64)
+  injected = optax.inject_hyperparams(f3eo_jax.f3eo)(learning_rate=1e-2)
+  plain = f3eo_jax.f3eo(1e-2)
+
+  outputs = []
+  for tx in (injected, plain):
+    p, state = params, tx.init(params)
+    for _ in range(3):
+      g = jnp.conj(jax.grad(obj)(p))
+      updates, state = tx.update(g, state, p, obj_fn=obj)
+      p = optax.apply_updates(p, updates)
+    outputs.append(p)
+    assert f3eo_jax.diagnostics(state)['meta_norm'] > 0
+  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5)

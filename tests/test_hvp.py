@@ -1,11 +1,17 @@
-"""The Hessian-vector products of f3eo_jax.hvp against an explicit dense Hessian."""
+"""The Hessian-vector products of f3eo_jax.hvp against an explicit dense Hessian.
+
+Their misuse errors (an objective that is not a scalar) are in test_checks.py.
+"""
 
 from __future__ import annotations
 
+import _problems as problems
 import _references as dense
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import f3eo_jax
@@ -102,13 +108,68 @@ def test_hvp_casts_tangent_to_param_dtype(make_mlp):
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(product))
 
 
-@pytest.mark.parametrize('fn', [f3eo_jax.hvp, f3eo_jax.grad_and_hvp], ids=['hvp', 'grad_and_hvp'])
-def test_hvp_rejects_non_scalar_objective(fn):
-  params = {'w': jnp.ones(3)}
-  with pytest.raises(TypeError, match='scalar'):
-    fn(lambda p: p['w'] ** 2, params, params)
+# Gradient accumulation: accumulated_value_grad_and_hvp over micro-batches is exact.
 
 
-def test_value_grad_and_hvp_rejects_non_scalar_objective():
-  with pytest.raises(TypeError, match='scalar'):
-    f3eo_jax.value_grad_and_hvp(lambda p: p**2, jnp.ones(3))
+def _stacked(batches):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+
+def _concatenated(batches):
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *batches)
+
+
+def test_accumulated_value_grad_and_hvp_matches_one_full_batch_f3eo_step_over_three_steps():
+  params = problems.mlp_params()
+  micro = [problems.mlp_batch(i) for i in range(3)]
+  microbatches, full_batch = _stacked(micro), _concatenated(micro)
+  tx = f3eo_jax.f3eo(problems.LEARNING_RATE)
+
+  @jax.jit
+  def both_steps(acc_params, acc_state, full_params, full_state):
+    loss, grads, hvp_fn = f3eo_jax.accumulated_value_grad_and_hvp(
+      problems.mlp_loss, acc_params, microbatches
+    )
+    updates, acc_state = tx.update(grads, acc_state, acc_params, hvp_fn=hvp_fn)
+    acc = (optax.apply_updates(acc_params, updates), acc_state, loss)
+    obj_fn = lambda p: problems.mlp_loss(p, full_batch)
+    loss, grads = jax.value_and_grad(obj_fn)(full_params)
+    updates, full_state = tx.update(grads, full_state, full_params, obj_fn=obj_fn)
+    return acc, (optax.apply_updates(full_params, updates), full_state, loss)
+
+  acc_params, acc_state = params, tx.init(params)
+  full_params, full_state = params, tx.init(params)
+  for _ in range(3):
+    (acc_params, acc_state, acc_loss), (full_params, full_state, full_loss) = both_steps(
+      acc_params, acc_state, full_params, full_state
+    )
+
+    np.testing.assert_allclose(acc_loss, full_loss, rtol=1e-6)
+    dense.assert_trees_close(acc_params, full_params, rtol=1e-5, atol=1e-6)
+    acc_diagnostics = f3eo_jax.diagnostics(acc_state)
+    full_diagnostics = f3eo_jax.diagnostics(full_state)
+    for name in ('grad_sq_norm', 'g_dot_hg', 'hg_norm', 'meta_norm'):
+      np.testing.assert_allclose(acc_diagnostics[name], full_diagnostics[name], rtol=1e-4)
+  assert full_diagnostics['meta_norm'] > 0 and full_diagnostics['mismatch_count'] == 0
+  assert acc_diagnostics['nonfinite_count'] == 0
+
+
+def test_accumulated_hvp_fn_is_the_full_batch_hessian_times_v(x64):
+  params = problems.mlp_params(jnp.float64)
+  micro = [problems.mlp_batch(i, jnp.float64) for i in range(3)]
+  reference = dense.derivatives(lambda p: problems.mlp_loss(p, _concatenated(micro)), params)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  v = np.random.default_rng(7).normal(size=flat.size)
+
+  @jax.jit
+  def accumulated(params, v):
+    loss, grads, hvp_fn = f3eo_jax.accumulated_value_grad_and_hvp(
+      problems.mlp_loss, params, _stacked(micro)
+    )
+    return loss, grads, hvp_fn(v)
+
+  loss, grads, product = accumulated(params, unravel(v))
+
+  np.testing.assert_allclose(float(loss), reference.loss, rtol=1e-12)
+  np.testing.assert_allclose(dense.ravel(grads), reference.grad, rtol=1e-10, atol=1e-13)
+  np.testing.assert_allclose(dense.ravel(product), reference.hessian @ v, rtol=1e-9, atol=1e-12)

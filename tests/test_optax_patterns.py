@@ -14,6 +14,7 @@ import functools
 import inspect
 
 import _optax_targets as targets
+import _references as dense
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,18 +26,6 @@ import f3eo_jax
 
 NAMES = list(targets.OPTIMIZERS)
 CAPPED = [n for n in NAMES if n not in targets.UNCAPPED]
-
-
-def _assert_trees_close(actual, expected, rtol, atol=0.0):
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol, atol)
-
-
-def _assert_trees_equal(actual, expected):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    assert a.dtype == e.dtype
-    np.testing.assert_array_equal(a, e)
 
 
 # --------------------------------------------------------------------------------------
@@ -182,9 +171,9 @@ def test_inject_hyperparams_gives_the_same_step_and_its_hyperparams_are_live(nam
   _, state, updates = step(params, tx.init(params))
   _, injected_state, injected_updates = injected_step(params, injected.init(params))
 
-  _assert_trees_close(injected_updates, updates, rtol=1e-5, atol=1e-8)
+  dense.assert_trees_close(injected_updates, updates, rtol=1e-5, atol=1e-8)
   assert jax.tree.structure(injected_state.inner_state) == jax.tree.structure(state)
-  _assert_trees_close(injected_state.inner_state, state, rtol=1e-4, atol=1e-6)
+  dense.assert_trees_close(injected_state.inner_state, state, rtol=1e-4, atol=1e-6)
 
   # New values in the state, each from a fresh init, without a recompilation.
   def step_with(name, value, keep_state=False):
@@ -206,10 +195,10 @@ def test_inject_hyperparams_gives_the_same_step_and_its_hyperparams_are_live(nam
   assert not compilation_logs, 'changing an injected hyperparameter recompiled the step'
 
   # Halving the learning rate halves the update.
-  _assert_trees_close(half_updates, jax.tree.map(lambda u: u / 2, injected_updates), rtol=1e-5)
+  dense.assert_trees_close(half_updates, jax.tree.map(lambda u: u / 2, injected_updates), rtol=1e-5)
   # Decoupled weight decay adds exactly −lr·Δwd·p.
   if 'weight_decay' in hyperparams:
-    _assert_trees_close(
+    dense.assert_trees_close(
       jax.tree.map(jnp.subtract, decayed_updates, injected_updates),
       jax.tree.map(lambda p: -lr * 0.5 * p, params),
       rtol=1e-4,
@@ -219,7 +208,7 @@ def test_inject_hyperparams_gives_the_same_step_and_its_hyperparams_are_live(nam
   if 'meta_coef' in hyperparams:
     own = optax.adam(lr) if name == 'add_meta_gradient_adam' else optax.adamw(lr, weight_decay=wd)
     expected = jax.jit(lambda p: own.update(jax.grad(_objective)(p), own.init(p), p)[0])(params)
-    _assert_trees_close(no_meta_updates, expected, rtol=1e-5, atol=1e-9)
+    dense.assert_trees_close(no_meta_updates, expected, rtol=1e-5, atol=1e-9)
     # ... and the default meta_coef is live: the first moment (1 − b1)·e differs. (Adam's
     # first update is ±lr wherever |e| >> eps, so the updates themselves may coincide.)
     mu, no_meta_mu = (optax.tree.get(s, 'mu') for s in (injected_state, no_meta_state))
@@ -337,7 +326,7 @@ def test_multisteps_with_identical_micro_batches_equals_one_step(name):
   new_params, state, _ = step(params, state)  # the same micro-batch again
 
   expected_params, expected_state, _ = plain_step(params, targets.make(name).init(params))
-  _assert_trees_close(new_params, expected_params, rtol=1e-6, atol=1e-7)
+  dense.assert_trees_close(new_params, expected_params, rtol=1e-6, atol=1e-7)
   diagnostics = f3eo_jax.diagnostics(state)
   assert diagnostics['mismatch_count'] == 0 and diagnostics['meta_norm'] > 0
   np.testing.assert_allclose(
@@ -398,7 +387,7 @@ def test_f3eo_with_meta_coef_zero_is_exactly_optax_adamw():
   )
 
   for a, b in zip(f3eo, adamw):
-    _assert_trees_equal(a, b)
+    dense.assert_trees_equal(a, b)
   assert not np.allclose(np.asarray(f3eo[-1]['out']['w']), np.asarray(params['out']['w']))
 
 
@@ -427,8 +416,8 @@ def test_weight_decay_mask_has_optax_adamw_mask_meaning(mask_kind):
   # programs (measured: 1-ulp differences in a few elements from the third step, with
   # e = g exactly). A wrong mask would be off by lr·wd·|p| ≈ 1e-2.
   for a, b, c in zip(f3eo, reference, adamw):
-    _assert_trees_close(a, c, rtol=1e-6, atol=1e-7)
-    _assert_trees_close(b, c, rtol=1e-6, atol=1e-7)
+    dense.assert_trees_close(a, c, rtol=1e-6, atol=1e-7)
+    dense.assert_trees_close(b, c, rtol=1e-6, atol=1e-7)
   # The mask matters: after one step the weights are decayed as without a mask, the
   # biases are not.
   np.testing.assert_array_equal(adamw[0]['out']['w'], unmasked[0]['out']['w'])

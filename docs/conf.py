@@ -10,6 +10,7 @@ copy). The notebooks are rendered from their committed outputs; nothing is execu
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import functools
 import importlib
@@ -22,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
 
 LOGGER = logging.getLogger('f3eo_jax.docs')
 DOCS = Path(__file__).resolve().parent
@@ -43,6 +45,7 @@ version = '.'.join(release.split('.')[:2])
 extensions = [
   'myst_nb',  # Markdown (MyST) pages and the notebooks
   'sphinx.ext.autodoc',
+  'sphinx.ext.autosummary',  # the summary tables at the top of the API page
   'sphinx.ext.napoleon',
   'sphinx.ext.intersphinx',
   'sphinx.ext.mathjax',
@@ -84,7 +87,8 @@ nb_merge_streams = True
 
 html_theme = 'furo'
 html_title = f'f3eo-jax {release}'
-html_static_path: list[str] = []
+html_static_path = ['_static']
+html_css_files = ['custom.css']  # code and equations within the page's width
 
 # -- Intersphinx ------------------------------------------------------------------------------
 
@@ -161,14 +165,26 @@ def _public_names() -> dict[str, str]:
   return names
 
 
+# Comments addressed to tools, not readers (type checkers, linters, coverage, formatters).
+_TOOL_COMMENT = re.compile(r'^(type:|noqa\b|pyright:|pragma\b|fmt:)')
+
+
 def _field_comment(cls: type, field: str) -> str | None:
-  """The trailing comment of a NamedTuple field in the source: `step: jax.Array  # text`."""
+  """The trailing comment of a NamedTuple field in the source: `step: jax.Array  # text`.
+
+  Comments for tools (`# type: ignore[assignment]  # text`) are skipped: the text is the first
+  comment after them.
+  """
   try:
     source = inspect.getsource(cls)
   except (OSError, TypeError):
     return None
-  match = re.search(rf'^\s+{re.escape(field)}\s*:[^#\n]*#:?\s*(.+)$', source, re.MULTILINE)
-  return match.group(1).strip() if match else None
+  match = re.search(rf'^\s+{re.escape(field)}\s*:[^#\n]*#(.+)$', source, re.MULTILINE)
+  if not match:
+    return None
+  comments = [part.strip().removeprefix(':').strip() for part in match.group(1).split('  #')]
+  readable = [part for part in comments if part and not _TOOL_COMMENT.match(part)]
+  return readable[0] if readable else None
 
 
 def _module_attribute_doc(name: str) -> list[str] | None:
@@ -176,14 +192,23 @@ def _module_attribute_doc(name: str) -> list[str] | None:
   from sphinx.pycode import ModuleAnalyzer
 
   short = name.rsplit('.', 1)[-1]
-  for module in ('f3eo_jax.alias', 'f3eo_jax.transform', 'f3eo_jax.hvp', 'f3eo_jax._types'):
+  for module in _library_modules():
     try:
       docs = ModuleAnalyzer.for_module(module).find_attr_docs()
-    except Exception:  # noqa: BLE001  (a module the lead has not written yet)
+    except Exception:  # noqa: BLE001  (a module whose source cannot be analysed)
       continue
     if ('', short) in docs:
       return list(docs[('', short)])
   return None
+
+
+@functools.cache
+def _library_modules() -> tuple[str, ...]:
+  """The modules of the f3eo_jax package, the package first."""
+  import pkgutil
+
+  names = [m.name for m in pkgutil.iter_modules(f3eo_jax.__path__, prefix='f3eo_jax.')]
+  return ('f3eo_jax', *sorted(names))
 
 
 def _fill_docstring(app, what, name, obj, options, lines):
@@ -266,7 +291,10 @@ def _resolve_private_module_paths(app, env, node, contnode):
   looks_internal = target.startswith('f3eo_jax') or any(
     target == name.rsplit('.', 1)[-1] for name in public
   )
-  if looks_internal and not target.startswith(('f3eo_jax._', 'f3eo_jax.transform._')):
+  # A private name (`f3eo_jax._types.PyTree`, `f3eo_jax.product._stored`) from a signature is
+  # left as plain text; any other f3eo_jax name must resolve.
+  private = any(part.startswith('_') for part in target.split('.'))
+  if looks_internal and not private:
     LOGGER.warning('unresolved reference to %r (%s)', target, node['reftype'], location=node)
   return None
 
@@ -288,9 +316,64 @@ def _show_aliases_by_name() -> None:
     alias.__repr__ = lambda self: self.name
 
 
+# Napoleon reads the first line of an attribute's or a constant's docstring as `type: text`
+# (Google style's inline attribute type), so "A JAX pytree: nested dicts, ..." would render as
+# the type "A JAX pytree". The library's attribute docstrings are prose: keep them as written.
+_PROSE_DOCSTRINGS: dict[str, list[str]] = {}
+
+
+def _keep_prose_before_napoleon(app, what, name, obj, options, lines):
+  del app, obj, options
+  if what in ('data', 'attribute') and name.startswith('f3eo_jax.'):
+    _PROSE_DOCSTRINGS[name] = list(lines)
+
+
+def _keep_prose_after_napoleon(app, what, name, obj, options, lines):
+  del app, what, obj, options
+  original = _PROSE_DOCSTRINGS.pop(name, None)
+  if original is not None:
+    lines[:] = original
+
+
+class TypeAliases(SphinxDirective):
+  """`.. f3eo-type-aliases::`: each alias of f3eo_jax/_types.py, its docstring and its definition.
+
+  autodoc shows some aliases as `: TypeAlias` and expands the others ("alias of Array | ndarray |
+  bool | number | bool | ..." for `jax.typing.ArrayLike`); this shows each one as written.
+  """
+
+  def run(self):
+    path = ROOT / 'f3eo_jax' / '_types.py'
+    self.env.note_dependency(str(path))
+    source = path.read_text(encoding='utf-8')
+    body = ast.parse(source).body
+    lines: list[str] = []
+    for node, after in zip(body, [*body[1:], None]):
+      if not (
+        isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and ast.unparse(node.annotation) == 'TypeAlias'
+        and node.value is not None
+      ):
+        continue
+      doc = ''
+      if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+        doc = inspect.cleandoc(str(after.value.value))
+      if _FORBIDDEN.search(doc):
+        LOGGER.warning('the docstring of %s points outside the repository', node.target.id)
+      definition = ast.get_source_segment(source, node.value)
+      lines += [f'.. py:data:: {node.target.id}', '   :module: f3eo_jax._types', '']
+      lines += [f'   {line}' if line else '' for line in doc.splitlines()]
+      lines += ['', f'   Defined as ``{definition}``.', '']
+    return self.parse_text_to_nodes('\n'.join(lines))
+
+
 def setup(app):
+  app.add_directive('f3eo-type-aliases', TypeAliases)
   _show_aliases_by_name()
-  app.connect('autodoc-process-docstring', _fill_docstring)
+  app.connect('autodoc-process-docstring', _keep_prose_before_napoleon, priority=400)
+  app.connect('autodoc-process-docstring', _keep_prose_after_napoleon, priority=600)
+  app.connect('autodoc-process-docstring', _fill_docstring, priority=650)  # after the restore
   app.connect('autodoc-process-docstring', _check_docstring)
   app.connect('source-read', _check_source)
   app.connect('missing-reference', _resolve_private_module_paths)

@@ -1,6 +1,6 @@
 """The consistency check under every single-process execution mode, on 4 CPU devices.
 
-Run in a subprocess by ``tests/test_consistency_modes.py`` (the device count must be
+Run in a subprocess by ``tests/test_sharding.py`` (the device count must be
 set before JAX initialises): ``python tests/_consistency_cases.py OUT.json``. In every
 mode, the problem of ``_distributed_problem.py`` is trained twice by one compiled step
 that donates params and state: with the right ``obj_fn`` throughout, and with one

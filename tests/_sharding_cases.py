@@ -322,17 +322,22 @@ def main(out_path: str) -> None:
       )
     )
 
+  def shard_map_cases(step, txs, names, check_vma, hlo_key):
+    """Each optimizer of ``names`` against one device; f3eo's collectives in ``hlo[hlo_key]``."""
+    cases = {}
+    for name in names:
+      tx = txs[name]
+      compiled = shard_mapped(step, tx, check_vma).lower(params, tx.init(params), xs, ys).compile()
+      cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
+      if name == 'f3eo':
+        hlo[hlo_key] = xla_utils.collectives(compiled.as_text())
+    return cases
+
   # shard_map with local gradients (check_vma=False): pmean g, axis_name averages H·g.
   txs_local = optimizers(axis_name=AXIS)
-  cases = results['shard_map_local_grads'] = {}
-  for name in ('f3eo', 'f3eo_hvp_every_2'):
-    tx = txs_local[name]
-    compiled = (
-      shard_mapped(local_grad_step, tx, False).lower(params, tx.init(params), xs, ys).compile()
-    )
-    cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
-    if name == 'f3eo':
-      hlo['shard_map_local_grads_f3eo'] = xla_utils.collectives(compiled.as_text())
+  results['shard_map_local_grads'] = shard_map_cases(
+    local_grad_step, txs_local, ('f3eo', 'f3eo_hvp_every_2'), False, 'shard_map_local_grads_f3eo'
+  )
   # The same without axis_name: H·g stays local, so this run must differ.
   tx = txs['f3eo']
   out = train(shard_mapped(local_grad_step, tx, False), params, tx.init(params), xs, ys)
@@ -365,13 +370,9 @@ def main(out_path: str) -> None:
   tick('pmap')
 
   # shard_map with varying-manual-axes typing (check_vma=True): loss / n, no axis_name.
-  cases = results['shard_map_vma'] = {}
-  for name in ('f3eo', 'f3eo_reference', 'f3eo_hvp_every_2'):
-    tx = txs[name]
-    compiled = shard_mapped(vma_step, tx, True).lower(params, tx.init(params), xs, ys).compile()
-    cases[name] = compare(*train(compiled, params, tx.init(params), xs, ys), reference[name])
-    if name == 'f3eo':
-      hlo['shard_map_vma_f3eo'] = xla_utils.collectives(compiled.as_text())
+  results['shard_map_vma'] = shard_map_cases(
+    vma_step, txs, ('f3eo', 'f3eo_reference', 'f3eo_hvp_every_2'), True, 'shard_map_vma_f3eo'
+  )
   # With axis_name as well: a pmean of an unvarying value is that value.
   tx = txs_local['f3eo']
   out = train(shard_mapped(vma_step, tx, True), params, tx.init(params), xs, ys)

@@ -1,16 +1,17 @@
-"""F3EO under JAX SPMD on 8 simulated CPU devices: same numbers, no gathers, known traffic.
+"""F3EO on simulated CPU devices: same numbers, no gathers, known traffic, and the check.
 
-The cases run once, in a subprocess (``tests/_sharding_cases.py``), because the device
-count must be set before JAX initialises; these tests read what it measured. Every
-layout trains 4 steps and is compared with the same optimizer on one device; products
-``H·g`` are compared with a dense Hessian of the global loss.
+On 8 devices (``tests/_sharding_cases.py``): every layout trains 4 steps and is compared
+with the same optimizer on one device; products ``H·g`` with a dense Hessian of the
+global loss; collectives are counted in the compiled HLO. On 4 devices
+(``tests/_consistency_cases.py``): the gradient check in every execution mode. Each
+script runs once, in a subprocess, because the device count must be set before JAX
+initialises; these tests read what it measured.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import sys
 
 import _distributed_problem as problem
@@ -25,22 +26,30 @@ HVP_RTOL = 1e-5
 OPTIMIZERS = ('f3eo', 'f3eo_reference', 'f3eo_hvp_every_2')
 
 
-@pytest.fixture(scope='module')
-def cases(tmp_path_factory):
-  """Runs the multi-device cases once per test session, shared by pytest-xdist workers."""
+def _cases_once(script, tmp_path_factory, timeout_s):
+  """What ``script OUT.json`` measured, in a subprocess run once per test session (shared
+  by pytest-xdist workers); its process group is killed after ``timeout_s``."""
 
   def produce(out):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-    # the cases import benchmarks.xla_utils from the repository root
-    repo = str(CASES.parents[1])
+    # the cases import the library (and helpers) from the repository root
+    repo = str(script.parents[1])
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [repo, env.get('PYTHONPATH')]))
-    cmd = [sys.executable, str(CASES), str(out)]
-    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f'multi-device cases failed:\n{result.stderr[-6000:]}'
+    log = out.with_suffix('.log')
+    code = problem.run_bounded(
+      [sys.executable, str(script), str(out)], log, timeout_s, cwd=repo, env=env
+    )
+    assert code == 0, f'{script.name} failed (exit {code}):\n{log.read_text()[-6000:]}'
 
   return problem.once_per_session(
-    problem.session_dir(tmp_path_factory) / 'sharding_cases.json', produce
+    problem.session_dir(tmp_path_factory) / f'{script.stem.lstrip("_")}.json', produce
   )
+
+
+@pytest.fixture(scope='module')
+def cases(tmp_path_factory):
+  """The sharding cases on 8 devices."""
+  return _cases_once(CASES, tmp_path_factory, timeout_s=900)
 
 
 def _assert_matches_single_device(result, name):
@@ -167,3 +176,71 @@ def test_shard_map_vma_without_axis_name_matches_single_device(cases, name):
 
 def test_shard_map_vma_with_axis_name_is_harmless(cases):
   _assert_matches_single_device(cases['shard_map_vma_with_axis_name'], 'f3eo')
+
+
+# The gradient check under every single-process execution mode, on 4 devices.
+#
+# A mismatch must not raise inside the step (under jit, sharding or several processes an
+# exception in the step loses the step, and with donated arguments the inputs too): it
+# drops the meta term for that step, so the step is AdamW on g, and counts it;
+# raise_on_mismatch raises on the host afterwards. Checked on one device under jit, under
+# jit with NamedSharding (data parallel and FSDP), shard_map (with and without
+# varying-axis typing) and jax.pmap; the two-process run is in test_multiprocess.py.
+
+CONSISTENCY_CASES = CASES.with_name('_consistency_cases.py')
+LOCAL_GRAD_MODES = ('shard_map_local_grads', 'pmap')
+# What _consistency_cases.py runs: every optimizer on one device, two elsewhere.
+CASE_IDS = [
+  (m, n)
+  for m in problem.MODES
+  for n in problem.OPTIMIZERS
+  if m == 'jit_one_device' or n != 'f3eo_reference'
+]
+
+
+@pytest.fixture(scope='module')
+def consistency_cases(tmp_path_factory):
+  """The consistency cases on 4 devices; they take 30-60 s."""
+  return _cases_once(CONSISTENCY_CASES, tmp_path_factory, timeout_s=300)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """The same runs on one device, in this process."""
+  return problem.shared_single_device_runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize('mode,name', CASE_IDS)
+def test_correct_obj_fn_passes_and_matches_one_device(consistency_cases, reference, mode, name):
+  run = consistency_cases[mode][name]
+  problem.check_correct_run(run, reference[name])
+  # shard_map and pmap return every device's params: the replicas must not part
+  assert run['devices_agree'] is (None if mode.startswith('jit') else True)
+
+
+@pytest.mark.parametrize('mode,name', CASE_IDS)
+def test_wrong_obj_fn_drops_the_meta_term_and_raises_on_the_host(
+  consistency_cases, reference, mode, name
+):
+  run = consistency_cases[mode][name]
+  problem.check_wrong_obj_fn_run(run, reference[name])
+  assert run['devices_agree_after'] is (None if mode.startswith('jit') else True)
+  if mode == 'jit_fsdp':
+    assert run['param_specs_after'] == {
+      k: problem.spec_string(v) for k, v in problem.FSDP_SPECS.items()
+    }
+
+
+@pytest.mark.parametrize('mode', LOCAL_GRAD_MODES)
+@pytest.mark.parametrize('name', ('f3eo', 'f3eo_hvp_every_2'))
+def test_a_mismatch_on_one_device_drops_the_meta_term_on_all(
+  consistency_cases, reference, mode, name
+):
+  """Local gradients, obj_fn wrong on the first device's slice only: the replicas agree."""
+  run = consistency_cases[mode][name]['partly_wrong']
+  reference = reference[name]
+  assert run['devices_agree_after'] is True
+  assert run['diagnostics_after']['mismatch_count'] == 1
+  assert run['diagnostics_after']['grad_mismatch'] > problem.CHECK_RTOL
+  assert run['raised_after'] is not None and 'GradientMismatchError' in run['raised_after']
+  assert problem.max_abs_diff(run['params_after'], reference['adamw_on_g']) < problem.PARAM_TOL

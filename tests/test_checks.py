@@ -195,14 +195,20 @@ def _w():
   return {'w': jnp.ones(3)}
 
 
+# The library's own message (not JAX's "Gradient only defined for scalar-output functions"):
+# the shape it got, and the fix.
+NOT_SCALAR = r'must return a scalar loss[\s\S]*shape \({}\)[\s\S]*Reduce it first'
 BAD_OBJECTIVES = {
-  'hvp': (lambda: f3eo_jax.hvp(lambda p: p['w'] ** 2, _w(), _w()), 'scalar'),
-  'grad_and_hvp': (lambda: f3eo_jax.grad_and_hvp(lambda p: p['w'] ** 2, _w(), _w()), 'scalar'),
+  'hvp': (lambda: f3eo_jax.hvp(lambda p: p['w'] ** 2, _w(), _w()), NOT_SCALAR.format('3,')),
+  'grad_and_hvp': (
+    lambda: f3eo_jax.grad_and_hvp(lambda p: p['w'] ** 2, _w(), _w()),
+    NOT_SCALAR.format('3,'),
+  ),
   'value_grad_and_hvp': (
     lambda: f3eo_jax.value_grad_and_hvp(lambda p: p**2, jnp.ones(3)),
-    'scalar',
+    NOT_SCALAR.format('3,'),
   ),
-  'update_non_scalar_obj_fn': (_non_scalar_update, r'scalar[\s\S]*\(2,\)'),
+  'update_non_scalar_obj_fn': (_non_scalar_update, NOT_SCALAR.format('2,')),
   'update_obj_fn_with_aux': (_loss_and_aux_update, r'tuple of 2 items[\s\S]*loss_fn\(p\)\[0\]'),
 }
 

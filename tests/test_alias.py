@@ -1,4 +1,4 @@
-"""The complete optimizers: f3eo, f3eo_reference and PyTorch-style AMSGrad (SPEC §3–4)."""
+"""The complete optimizers f3eo and f3eo_reference (SPEC §3–4); AMSGrad: test_amsgrad.py."""
 
 from __future__ import annotations
 

@@ -1,16 +1,5 @@
-"""Small Flax models for the benchmarks: an MLP, a CNN, a CIFAR ResNet-18 and a GPT.
-
-All share ``__call__(self, x, train: bool = False)``. Models with BatchNorm keep
-their running statistics in the ``'batch_stats'`` collection; the CNN's dropout
-draws from the ``'dropout'`` rng stream.
-
-Example:
-  >>> import jax, jax.numpy as jnp
-  >>> model = MLP(hidden=(32,), num_classes=10)
-  >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)))
-  >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape
-  (2, 10)
-"""
+"""Small Flax models: an MLP, a CNN, a CIFAR ResNet-18 and a GPT, all ``__call__(x, train)``;
+BatchNorm statistics in ``'batch_stats'``, the CNN's dropout from the ``'dropout'`` stream."""
 
 from __future__ import annotations
 
@@ -28,13 +17,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 class MLP(nn.Module):
-  """Multi-layer perceptron on flattened inputs, ReLU (or ``activation``) between layers.
-
-  Attributes:
-    hidden: widths of the hidden layers.
-    num_classes: number of outputs (logits, or 1 for a scalar regression).
-    activation: the nonlinearity after each hidden layer.
-  """
+  """Multi-layer perceptron on flattened inputs, ReLU (or ``activation``) between layers."""
 
   hidden: Sequence[int] = (512, 512)
   num_classes: int = 10
@@ -51,14 +34,7 @@ class MLP(nn.Module):
 class CNN(nn.Module):
   """Conv → BatchNorm → ReLU → max-pool stages, then dense → dropout → logits.
 
-  Works on 1-D signals ``(B, L, C)`` (a ``(B, L)`` input gets a channel axis) and on
-  images ``(B, H, W, C)``: the kernels and pools span all spatial dims.
-
-  Attributes:
-    num_classes: number of output logits.
-    channels: output channels of each conv stage.
-    dense: width of the hidden dense layer.
-    dropout_rate: dropout before the output layer (train mode only).
+  On 1-D signals ``(B, L[, C])`` (kernel 5) or images ``(B, H, W, C)`` (3×3 kernels).
   """
 
   num_classes: int = 10
@@ -104,12 +80,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-  """ResNet-18 for 32×32 images (CIFAR variant: 3×3 stride-1 stem, no max-pool).
-
-  Attributes:
-    num_classes: number of output logits.
-    widths: channels of the four stages (64, 128, 256, 512 in the paper).
-  """
+  """ResNet-18 for 32×32 images (CIFAR variant: 3×3 stride-1 stem, no max-pool)."""
 
   num_classes: int = 10
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -160,15 +131,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-  """Small causal transformer language model with learned positional embeddings.
-
-  Attributes:
-    vocab_size: number of tokens.
-    seq_len: maximum sequence length (size of the positional table).
-    d_model: embedding width.
-    n_layer: number of blocks.
-    n_head: attention heads per block.
-  """
+  """Small causal transformer language model with learned positional embeddings."""
 
   vocab_size: int
   seq_len: int

@@ -1,22 +1,19 @@
-"""The optimizer study: which F3EO rule, against tuned baselines, on four tasks.
+"""The optimizer study: choose on selection tasks, judge on held-out evaluation tasks.
 
-One command runs four phases on the tasks of ``benchmarks/tasks.py`` (MNIST-1D MLP and
-CNN, Friedman #1 regression, a character-level transformer): (a) screening of the whole F3EO
-grid of ``benchmarks/registry.py``, ``f3eo_reference`` and the baselines; (b) pruning by a
-rule written in :func:`prune`; (c) the full protocol (tuned on a validation split, several
-seeds, test metric); (d) the baselines again at the wall-clock of the best F3EO variant.
-:data:`PROTOCOL` (also printed in the report) says exactly what each phase does.
-
-Writes ``study_<preset>.md``, ``.json`` and plots to ``benchmarks/out/`` (with
-``--update-results``: the committed ``benchmarks/results/``). Finished runs are cached in
-``benchmarks/out/study_<preset>_cache.jsonl``: run the same command again after an
-interruption and it resumes (``--fresh`` ignores the cache).
+``--phase selection`` (hours; its record is ``results/study_full.json``), on the four tasks
+of ``tasks.py``: (a) screening of the F3EO grid, ``f3eo_reference`` and the baselines (a
+fraction of the steps, lr tuned on a validation split); (b) pruning by mean rank; (c) the
+kept ones tuned again, several seeds, test metric; (d) the baselines at the wall-clock of
+the best F3EO. ``--phase evaluation``: only AdamW, ``f3eo``, ``f3eo`` with ``hvp_every=10``
+on the host schedule and ``f3eo_reference``, on ``evaluation_tasks.py`` (never used to
+choose), seeds 100-102, lr tuned per optimizer on validation; equal steps, and equal
+wall-clock (the time ``f3eo`` took). Finished runs are cached in
+``benchmarks/out/study_<preset>_cache``: the same command resumes.
 
 Usage::
 
-  python -m benchmarks.study                    # the whole study (hours on 2 CPU cores)
-  python -m benchmarks.study --plan             # what it would run, with a time estimate
-  python -m benchmarks.study --preset smoke     # tiny models, a few steps: a smoke test
+  python -m benchmarks.study                       # selection (hours)
+  python -m benchmarks.study --phase evaluation    # the held-out judgement
 """
 
 from __future__ import annotations
@@ -24,565 +21,203 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
+import json
+import shelve
 import time
-from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
+import pandas as pd
 
-if __package__ in (None, ''):  # `python benchmarks/study.py`: the package is not importable
-  raise SystemExit('Run it as a module, from the repository root: python -m benchmarks.study')
+import f3eo_jax
+from benchmarks import config, evaluation_tasks, harness, report, tasks
 
-from benchmarks import outputs, registry, reporting, tasks, training
-
-STUDY_TASKS = ('mnist1d_mlp', 'mnist1d_cnn', 'regression', 'char_lm')
-ALWAYS_KEPT = ('f3eo_reference', 'f3eo_theory_uncapped_global', *registry.BASELINES)
-
-FULL = dict(
-  tasks=STUDY_TASKS,
-  screen=(*registry.GRID, 'f3eo_reference', *registry.BASELINES),
-  screen_fraction=0.4,
-  keep_top=6,
-  keep_theory=2,
-  hvp_every=10,
-  seeds=3,
-  timing_rounds=7,
-  timing_block=10,
-  sizes={},
-  steps=None,
-  train_subset=None,
-)
-PRESETS = {
-  'full': FULL,
-  # Tiny models, two tasks, two F3EO variants: every phase in seconds (the tests run it).
-  'smoke': {
-    **FULL,
-    'tasks': ('regression', 'mnist1d_mlp'),
-    'screen': ('f3eo_theory_clip1_global', 'f3eo_reference', *registry.BASELINES),
-    'screen_fraction': 0.5,
-    'keep_top': 1,
-    'seeds': 2,
-    'timing_rounds': 2,
-    'timing_block': 2,
-    'sizes': tasks.SMOKE_SIZES,
-    'steps': 4,
-    'train_subset': 256,
-  },
-}
-
-PROTOCOL = """\
-- **(a) Screening.** Every variant of the F3EO grid (sign × cap × projection), `f3eo_reference`
-  and the baselines, one seed, a fraction of each task's steps; each learning rate (and
-  AdamW-wd's weight decay) picked from the variant's sweep by the final metric on a validation
-  split (the last 10% of the training data). The scores are those validation metrics: the test
-  data are not used before (c).
-- **(b) Pruning.** Keep the baselines, `f3eo_reference` and the uncapped theory rule; add the
-  `keep_top` grid variants with the best mean rank across tasks in (a), the `keep_theory` best
-  theory-sign variants with a relative cap (the candidates for the library's default), and
-  `hvp_every=10` applied to the best grid variant and to the best theory-sign capped one.
-- **(c) Full protocol.** Per task and kept optimizer: the sweep again on the validation split
-  at the full step count, then one run per seed on the full training data; the test metric's
-  mean ± std over seeds.
-- **(d) Equal wall-clock.** Per task, the step time of the best F3EO variant of (c) (by mean
-  rank across tasks) and of each baseline, by interleaved timing of the compiled steps in this
-  process; each baseline is re-run for `steps × t_F3EO / t_baseline` steps (its cosine schedule
-  over that longer horizon, hyperparameters from (c)), one run per seed."""
-
-Entry = tuple[str, tuple[tuple[str, Any], ...]]  # (registry name, overrides)
+SELECTION_TASKS = ('mnist1d_mlp', 'mnist1d_cnn', 'regression', 'char_lm')
+ALWAYS_KEPT = ('f3eo_reference', 'f3eo_theory_uncapped_global', *config.BASELINES)
+EVALUATED = ('adamw', 'f3eo', 'f3eo_hvp10_python', 'f3eo_reference')
+FULL = dict(selection=SELECTION_TASKS, evaluation=tuple(evaluation_tasks.EVALUATION_TASKS))
+FULL.update(screen=(*config.GRID, 'f3eo_reference', *config.BASELINES), screen_fraction=0.4)
+FULL.update(keep_top=6, keep_theory=2, seeds=3, evaluation_seeds=(100, 101, 102), sizes={})
+FULL.update(steps=None, train_subset=None)
+SMOKE = dict(FULL, selection=('regression',), evaluation=('modular_addition',), keep_top=1)
+SMOKE.update(screen=('f3eo_theory_clip1_global', 'f3eo_reference', 'adamw', 'adamw_wd'), seeds=2)
+SMOKE.update(evaluation_seeds=(100, 101), steps=4, train_subset=256, screen_fraction=0.5)
+SMOKE['sizes'] = {**tasks.SMOKE_SIZES, **evaluation_tasks.SMOKE_SIZES}
+PRESETS = {'full': FULL, 'smoke': SMOKE}
 
 
-def entry_name(entry: Entry) -> str:
-  return registry.get(entry[0]).with_overrides(**dict(entry[1])).name
+class RunCache:
+  """Finished runs and timings in a ``shelve`` file, keyed by config, task, data, version."""
+
+  def __init__(self, path: str, cache: harness.StepCache, fresh: bool = False):
+    self.db, self.cache, self.hits = shelve.open(path, 'n' if fresh else 'c'), cache, 0
+
+  def memo(self, key: str, fn):
+    self.hits += key in self.db
+    if key not in self.db:
+      self.db[key] = fn()
+      self.db.sync()
+    return self.db[key]
+
+  def run(self, cfg: harness.RunConfig, task, data) -> dict:
+    parts = [dataclasses.asdict(cfg), task.name, sorted(task.meta.items()), data.name]
+    key = json.dumps([*parts, f3eo_jax.__version__], sort_keys=True, default=str)
+    run = lambda: harness.train_and_evaluate(cfg, task, data, cache=self.cache)
+    return self.memo(key, lambda: report.downsample(run(), 200))
 
 
-def base_config(task: tasks.Task, entry: Entry, num_steps: int, preset: dict) -> training.Config:
-  variant = registry.get(entry[0])
-  return training.Config(
-    task=task.name,
-    optimizer=entry[0],
-    learning_rate=variant.learning_rate * task.lr_scale,
-    num_steps=num_steps,
-    train_subset=preset['train_subset'],
-    overrides=entry[1],
-  )
+def base(task, variant, steps, preset) -> harness.RunConfig:
+  variant = config.get(variant)
+  lr = variant.default_lr() * task.lr_scale
+  return harness.RunConfig(variant, lr, num_steps=steps, train_subset=preset['train_subset'])
 
 
-def _bar(total: int, desc: str, enabled: bool):
-  if not enabled:
-    return None
-  from tqdm.auto import tqdm
-
-  return tqdm(total=total, desc=desc, position=0, dynamic_ncols=True)
-
-
-def _tick(bar, text: str = '') -> None:
-  if bar is not None:
-    bar.update(1)
-    if text:
-      bar.set_postfix_str(text)
-
-
-def screening(task_map, datas, preset, runner, cache, progress):
-  """(a): ``{task: {variant: {'chosen', 'records', 'metric'}}}``, metrics on validation."""
+def screening(tasks_map, datas, preset, runner) -> dict:
+  """(a): ``{task: {variant: {'chosen', 'records', 'metric' (validation)}}}``."""
   out = {}
-  bar = _bar(len(task_map) * len(preset['screen']), '(a) screening', progress)
-  for task in task_map.values():
+  for task in tasks_map.values():
     steps = max(1, round(preset['screen_fraction'] * task.num_steps))
     out[task.name] = {}
     for name in preset['screen']:
-      chosen, records = training.sweep(
-        base_config(task, (name, ()), steps, preset),
-        task,
-        datas[task.name],
-        cache=cache,
-        progress=progress,
-        run_fn=runner.run,
-      )
-      best = next(
-        r
-        for r in records
-        if r['learning_rate'] == chosen.learning_rate and r['weight_decay'] == chosen.weight_decay
-      )
-      out[task.name][name] = {
-        'chosen': dataclasses.asdict(chosen),
-        'records': records,
-        'metric': best['metric'],
-      }
-      _tick(bar, f'{task.name}/{name}')
-  if bar is not None:
-    bar.close()
+      cfg = base(task, name, steps, preset)
+      chosen, records = harness.sweep(cfg, task, datas[task.name], run_fn=runner.run)
+      best = next(r for r in records if (r['learning_rate'], r['weight_decay']) == chosen)
+      out[task.name][name] = {'chosen': chosen, 'records': records, 'metric': best['metric']}
   return out
 
 
-def prune(screen, task_map, preset) -> tuple[list[Entry], dict[str, float], str]:
-  """(b): the kept optimizers, the screening's mean ranks, and the rule in words.
-
-  Keeps every baseline, ``f3eo_reference`` and ``f3eo_theory_uncapped_global`` (when
-  screened); the ``keep_top`` grid variants (other than those) with the best mean rank
-  across tasks of their validation metric in (a); the ``keep_theory`` best theory-sign
-  variants with a relative cap, the candidates for the library's default, if not already
-  kept; and ``hvp_every`` applied to the best grid variant and to the best theory-sign
-  capped one. A diverged run ranks last on its task.
-  """
-  metrics = {t: {v: r['metric'] for v, r in by_variant.items()} for t, by_variant in screen.items()}
-  mean_ranks = reporting.mean_ranks(metrics, task_map)
-  screened = set(preset['screen'])
-  kept = [(n, ()) for n in ALWAYS_KEPT if n in screened]
-  ranked = [n for n in mean_ranks if n in registry.GRID and n not in ALWAYS_KEPT]
-  grid = ranked[: preset['keep_top']]
+def prune(screen, tasks_map, preset) -> tuple[list[config.Variant], pd.Series]:
+  """(b): the baselines, ``f3eo_reference``, the uncapped theory rule; the ``keep_top`` grid
+  variants by mean rank of their validation metric; the ``keep_theory`` best theory-sign
+  capped ones; and ``hvp_every=10`` on the best grid and the best theory-sign capped one."""
+  rows = [(t, v, r['metric']) for t, by in screen.items() for v, r in by.items()]
+  df = pd.DataFrame(rows, columns=['task', 'variant', 'metric'])
+  higher = {t: tasks_map[t].higher_is_better for t in screen}
+  ranks = report.mean_ranks(df, 'task', 'variant', 'metric', higher)
+  ranked = [n for n in ranks.index if n in config.GRID and n not in ALWAYS_KEPT]
+  top = ranked[: preset['keep_top']]
   theory = [n for n in ranked if n.startswith('f3eo_theory_rho')][: preset['keep_theory']]
-  grid += [n for n in theory if n not in grid]
-  kept[1:1] = [(n, ()) for n in grid]
-  if preset['hvp_every']:
-    every = (('hvp_every', preset['hvp_every']),)
-    best = [n for n in (ranked[:1] + theory[:1]) if n]
-    for n in dict.fromkeys(best):
-      kept.insert(1 + len(grid), (n, every))
-  rule = (
-    'Kept: the baselines, f3eo_reference and f3eo_theory_uncapped_global; the'
-    f' {preset["keep_top"]} grid variants (other than the uncapped theory rule) with the best'
-    ' mean rank across tasks of their validation metric in (a); the'
-    f' {preset["keep_theory"]} best theory-sign variants with a relative cap (the candidates'
-    " for the library's default), if not already kept; and"
-    f' hvp_every={preset["hvp_every"]} applied to the best grid variant and to the best'
-    ' theory-sign capped one. Ranks: 1 = best per task, ties share their mean rank, a'
-    ' diverged run ranks last.'
-  )
-  return kept, mean_ranks, rule
+  top += [n for n in theory if n not in top]
+  every = [config.get(n).with_options(hvp_every=10) for n in dict.fromkeys(ranked[:1] + theory[:1])]
+  always = [config.get(n) for n in ALWAYS_KEPT if n in preset['screen']]
+  return [config.get(n) for n in top] + every + always, ranks
 
 
-def full_protocol(task_map, datas, kept, preset, protocol, progress):
-  """(c): ``{task: {entry name: {'chosen', 'sweep', 'runs'}}}``."""
-  out = {}
-  bar = _bar(len(task_map) * len(kept), '(c) full protocol', progress)
-  for task in task_map.values():
-    out[task.name] = {}
-    for entry in kept:
-      config = base_config(task, entry, task.num_steps, preset)
-      result = protocol(config, task, datas[task.name], tune=True)
-      out[task.name][entry_name(entry)] = result
-      _tick(bar, f'{task.name}/{entry_name(entry)}')
-  if bar is not None:
-    bar.close()
-  return out
-
-
-def mean_test_metrics(full, task_map) -> dict[str, dict[str, float]]:
-  """``{task: {entry: mean test metric over seeds}}``; a diverged seed makes it the worst."""
-  out = {}
-  for task_name, by_entry in full.items():
-    worst = task_map[task_name].worst()
-    out[task_name] = {
-      name: worst
-      if any(r['diverged'] for r in res['runs'])
-      else float(np.mean([r['final_metric'] for r in res['runs']]))
-      for name, res in by_entry.items()
-    }
-  return out
-
-
-def equal_wall_clock(
-  task_map, datas, kept, full, f3eo_best, preset, protocol, runner, cache, progress
-):
-  """(d): per task, step times, the baselines' step budgets and their runs."""
-  out = {}
-  baselines = [e for e in kept if e[0] in registry.BASELINES]
-  entries = {entry_name(e): e for e in kept}
-  bar = _bar(len(task_map) * len(baselines), '(d) equal wall-clock', progress)
-  for task in task_map.values():
-    configs = {}
-    for name in (f3eo_best, *(entry_name(e) for e in baselines)):
-      chosen = full[task.name][name]['chosen']
-      configs[name] = dataclasses.replace(
-        base_config(task, entries[name], task.num_steps, preset),
-        learning_rate=chosen.learning_rate,
-        weight_decay=chosen.weight_decay,
-      )
-    timing_key = (
-      f'timing|{task.name}|{sorted(task.meta.items())}|{[c.key() for c in configs.values()]}'
+def protocol(tasks_map, datas, variants, preset, runner, seeds) -> tuple[dict, dict]:
+  """(c) and the evaluation at equal steps: tuned on validation, one run per seed."""
+  out, tuned = {}, {}
+  for task in tasks_map.values():
+    configs = {v.name: base(task, v, task.num_steps, preset) for v in variants}
+    data = datas[task.name]
+    out[task.name], tuned[task.name] = harness.compare(
+      configs, task, data, seeds=seeds, tune=True, run_fn=runner.run
     )
+  return out, tuned
+
+
+def wall_clock(tasks_map, datas, tuned, names, reference, runner, seeds) -> dict:
+  """(d) and the evaluation at equal wall-clock: each of ``names`` given ``reference``'s time."""
+  out = {}
+  for task in tasks_map.values():
+    configs = {n: tuned[task.name][n] for n in names}
+    key = f'timing|{task.name}|{sorted(task.meta.items())}|{sorted(configs)}|{list(seeds)}'
     measure = functools.partial(
-      training.time_steps,
-      configs,
-      task,
-      datas[task.name],
-      cache=cache,
-      rounds=preset['timing_rounds'],
-      block=preset['timing_block'],
+      harness.equal_wall_clock, configs, reference, task, datas[task.name]
     )
-    times = runner.memo(timing_key, measure)
-    budgets, runs = {}, {}
-    for e in baselines:
-      name = entry_name(e)
-      budgets[name] = max(1, round(task.num_steps / times[name]['ratio']))
-      config = dataclasses.replace(configs[name], num_steps=budgets[name])
-      result = protocol(config, task, datas[task.name], tune=False)
-      runs[name] = result['runs']
-      _tick(bar, f'{task.name}/{name}: {budgets[name]} steps')
-    out[task.name] = {'reference': f3eo_best, 'times': times, 'budgets': budgets, 'runs': runs}
-  if bar is not None:
-    bar.close()
+    out[task.name] = runner.memo(
+      key, lambda m=measure: m(seeds=seeds, run_fn=runner.run, cache=runner.cache)
+    )
   return out
 
 
-# ----------------------------------------------------------------------------- report
+def metrics(full) -> dict:
+  per_run = lambda res: [r['final_metric'] for r in res['runs']]
+  return {t: {n: per_run(res) for n, res in by.items()} for t, by in full.items()}
 
 
-def _cell(values, task, diverged=False):
-  return 'diverged' if diverged else reporting.format_mean_std(values, task.metric_kind)
+def steps_table(full, tasks_map) -> pd.DataFrame:
+  """Optimizers x tasks: the test metric's mean ± std over seeds, and the mean rank."""
+  runs = [r for by in full.values() for res in by.values() for r in res['runs']]
+  df = report.runs_frame(runs)
+  cells = df.groupby(['variant', 'task'], sort=False)['metric'].agg(list).reset_index()
+  kinds = [tasks_map[t].metric_kind for t in cells['task']]
+  cells['cell'] = [report.fmt(v, k) for v, k in zip(cells['metric'], kinds)]
+  means = df.groupby(['task', 'variant'], sort=False)['metric'].mean().reset_index()
+  higher = {t: tasks_map[t].higher_is_better for t in full}
+  ranks = report.mean_ranks(means, 'task', 'variant', 'metric', higher)
+  table = cells.pivot(index='variant', columns='task', values='cell').loc[ranks.index]
+  table = table.rename(columns=lambda t: tasks_map[t].label)
+  return table.assign(**{'mean rank': ranks}).reset_index()
 
 
-def write_report(out_dir: str, tag: str, task_map, preset: dict, r: dict, info: dict) -> str:
-  """Writes ``study_<tag>.md``, ``.json`` and the plots; ``r`` holds every phase's results."""
-  screen, mean_ranks_a, kept, rule = r['screen'], r['mean_ranks_a'], r['kept'], r['rule']
-  full, means, mean_ranks_c, f3eo_best = r['full'], r['means'], r['mean_ranks_c'], r['f3eo_best']
-  wall = r['wall']
-  prefix = os.path.join(out_dir, f'study_{tag}')
-  columns = [t.label for t in task_map.values()]
-  labels = {n: res['runs'][0]['label'] for by_entry in full.values() for n, res in by_entry.items()}
-  md = [
-    f'# F3EO optimizer study: preset `{tag}`',
-    '',
-    reporting.machine_paragraph(info),
-    '',
-    '## Tasks',
-    '',
-  ]
-  md += [
-    f'- **{t.label}** ({t.num_steps} steps of batch {t.batch_size}): {t.description}'
-    for t in task_map.values()
-  ]
-  md += [
-    '',
-    '## Protocol',
-    '',
-    PROTOCOL,
-    '',
-    f'Every run: cosine decay of the peak learning rate to 0 over its steps; weight decay'
-    f' {registry.DEFAULT_WEIGHT_DECAY:g} for the Adam family unless swept (AdamW-wd), none for'
-    ' SGD.'
-    f" Screening: {preset['screen_fraction']:.0%} of each task's steps. Seeds in (c), (d):"
-    f' {preset["seeds"]}.',
-    '',
-  ]
+def selection(tasks_map, datas, preset, runner) -> tuple[list[str], dict]:
+  screen = screening(tasks_map, datas, preset, runner)
+  kept, ranks_a = prune(screen, tasks_map, preset)
+  full, tuned = protocol(tasks_map, datas, kept, preset, runner, range(preset['seeds']))
+  f3eo_ranks = steps_table(full, tasks_map)
+  best = next(n for n in f3eo_ranks['variant'] if n.startswith('f3eo'))
+  compared = [v.name for v in kept if v.name == best or v.name in config.BASELINES]
+  wall = wall_clock(tasks_map, datas, tuned, compared, best, runner, range(preset['seeds']))
+  rows = [(tasks_map[t].label, v, r['metric']) for t, by in screen.items() for v, r in by.items()]
+  screen_df = pd.DataFrame(rows, columns=['task', 'variant', 'metric'])
+  screen_df = screen_df.pivot(index='variant', columns='task', values='metric').loc[ranks_a.index]
+  md = report.section('(a) Screening (validation metric)', screen_df.reset_index())
+  md += ['## (b) Kept', '', ', '.join(f'`{v.name}`' for v in kept), '']
+  md += report.section('(c) Test metric, equal steps', f3eo_ranks, '.3g')
+  wall_df = report.wall_clock_frame(metrics(full), wall, tasks_map)
+  md += report.section(f'(d) Equal wall-clock (reference `{best}`)', wall_df, '.3g')
+  payload = dict(screening=screen, screening_mean_ranks=ranks_a.to_dict(), full=full)
+  payload.update(kept=[v.name for v in kept], wall_clock=wall)
+  return md, payload
 
-  md += ['## (a) Screening (validation metric, 1 seed)', '']
-  cells = {}
-  for name in mean_ranks_a:
-    cells[name] = {
-      task_map[t].label: reporting.format_value(screen[t][name]['metric'], task_map[t].metric_kind)
-      + f' ({registry.Hyperparams(**screen[t][name]["chosen"]).label()})'
-      for t in screen
-    }
-  md += [
-    reporting.pivot_table(
-      cells, columns, {'mean rank': {n: f'{r:.2f}' for n, r in mean_ranks_a.items()}}
-    ),
-    '',
-  ]
-  md += [
-    '## (b) Pruning',
-    '',
-    rule,
-    '',
-    'Kept: ' + ', '.join(f'`{entry_name(e)}`' for e in kept) + '.',
-    '',
-  ]
 
-  md += ['## (c) Full protocol (test metric, mean ± std over seeds; equal steps)', '']
-  cells = {}
-  for name in mean_ranks_c:
-    cells[f'{labels[name]} (`{name}`)'] = {
-      task_map[t].label: _cell(
-        [r['final_metric'] for r in full[t][name]['runs']],
-        task_map[t],
-        any(r['diverged'] for r in full[t][name]['runs']),
-      )
-      + f' ({full[t][name]["chosen"].label()})'
-      for t in full
-    }
-  ranks_col = {f'{labels[n]} (`{n}`)': f'{r:.2f}' for n, r in mean_ranks_c.items()}
-  md += [reporting.pivot_table(cells, columns, {'mean rank': ranks_col}), '']
-  all_runs = [r for by_entry in full.values() for res in by_entry.values() for r in res['runs']]
-  md += ['Details:', '', reporting.results_table(reporting.summarize(all_runs), task_map), '']
-  counters = [
-    (task_map[r['task']].label, r['variant'], r['config']['seed'], r['counters'])
-    for r in all_runs
-    if r['counters'] and any(r['counters'].values())
-  ]
-  if counters:
-    md += [
-      'F3EO counters at the end of a run (only runs where one is non-zero):',
-      '',
-      reporting.markdown_table(
-        ['task', 'optimizer', 'seed', 'counters'],
-        [(a, b, c, ', '.join(f'{k} {v}' for k, v in d.items())) for a, b, c, d in counters],
-      ),
-      '',
-    ]
-
-  md += [
-    '## (d) Equal wall-clock',
-    '',
-    f'Reference: `{f3eo_best}`, the F3EO variant with the best mean rank in (c). Step times:'
-    f' medians over {preset["timing_rounds"]} interleaved rounds of {preset["timing_block"]}'
-    ' steps; ratios: medians of per-round ratios to the reference.',
-    '',
-  ]
-  rows = []
-  for t, w in wall.items():
-    task = task_map[t]
-    ref_runs = full[t][f3eo_best]['runs']
-    rows.append(
-      [
-        task.label,
-        f'`{f3eo_best}`',
-        f'{1e3 * w["times"][f3eo_best]["step_s"]:.2f}',
-        '1.00',
-        task.num_steps,
-        _cell([r['final_metric'] for r in ref_runs], task),
-        '',
-        f'{np.mean([r["train_time_s"] for r in ref_runs]):.1f}',
-      ]
-    )
-    for name, runs in w['runs'].items():
-      rows.append(
-        [
-          task.label,
-          f'`{name}`',
-          f'{1e3 * w["times"][name]["step_s"]:.2f}',
-          f'{w["times"][name]["ratio"]:.2f}',
-          w['budgets'][name],
-          _cell([r['final_metric'] for r in full[t][name]['runs']], task),
-          _cell([r['final_metric'] for r in runs], task, any(r['diverged'] for r in runs)),
-          f'{np.mean([r["train_time_s"] for r in runs]):.1f}',
-        ]
-      )
-  md += [
-    reporting.markdown_table(
-      [
-        'task',
-        'optimizer',
-        'ms/step',
-        '× reference',
-        'steps',
-        'metric, equal steps (c)',
-        'metric, equal wall-clock',
-        'train s',
-      ],
-      rows,
-    ),
-    '',
-  ]
-
-  plots = [
-    reporting.plot_curves(all_runs, task_map, f'{prefix}_curves.png'),
-    reporting.plot_diagnostics(all_runs, task_map, f'{prefix}_diagnostics.png'),
-    reporting.plot_curves(
-      [
-        r for t, w in wall.items() for r in full[t][f3eo_best]['runs'] + sum(w['runs'].values(), [])
-      ],
-      task_map,
-      f'{prefix}_wall_clock.png',
-      x_keys=('wall_time',),
-    ),
-  ]
-  md += [f'![]({os.path.basename(p)})' for p in plots]
-  text = '\n'.join(md) + '\n'
-  reporting.write_text(f'{prefix}.md', text)
-  reporting.write_json(
-    f'{prefix}.json',
-    {
-      'machine': info,
-      'preset': {k: v for k, v in preset.items()},
-      'screening': screen,
-      'screening_mean_ranks': mean_ranks_a,
-      'pruning_rule': rule,
-      'kept': [entry_name(e) for e in kept],
-      'full': {
-        t: {
-          n: {
-            'chosen': dataclasses.asdict(res['chosen']),
-            'sweep': res['sweep'],
-            'runs': res['runs'],
-          }
-          for n, res in by.items()
-        }
-        for t, by in full.items()
-      },
-      'test_means': means,
-      'full_mean_ranks': mean_ranks_c,
-      'wall_clock': wall,
-      'plots': [os.path.basename(p) for p in plots],
-    },
+def evaluation(tasks_map, datas, preset, runner) -> tuple[list[str], dict]:
+  variants = [config.get(n) for n in EVALUATED]
+  seeds = preset['evaluation_seeds']
+  full, tuned = protocol(tasks_map, datas, variants, preset, runner, seeds)
+  wall = wall_clock(tasks_map, datas, tuned, EVALUATED, 'f3eo', runner, seeds)
+  md = report.section(
+    f'Evaluation: equal steps (seeds {list(seeds)})', steps_table(full, tasks_map)
   )
-  return text
+  wall_df = report.wall_clock_frame(metrics(full), wall, tasks_map)
+  md += report.section('Evaluation: equal wall-clock (the time `f3eo` took)', wall_df, '.3g')
+  return md, dict(evaluation=full, evaluation_wall_clock=wall)
 
 
-# ----------------------------------------------------------------------------- plan
+PHASES = {'selection': selection, 'evaluation': evaluation}
 
 
-def plan(task_map, datas, preset, cache) -> str:
-  """The number of steps per phase, and an estimate of the time from measured step times."""
-  n_screen_f3eo = sum(1 for n in preset['screen'] if registry.get(n).uses_obj_fn)
-  sweep_size = lambda n: len(registry.get(n).sweep)
-  kept_f3eo = 2 + preset['keep_top'] + preset['keep_theory']  # + hvp_every runs (cheaper)
-  lines, total = [], 0.0
-  for task in task_map.values():
-    probe = {
-      n: training.Config(task=task.name, optimizer=n, learning_rate=1e-3, num_steps=task.num_steps)
-      for n in ('adamw', 'f3eo_reference', 'f3eo_theory_uncapped_global')
-    }
-    times = training.time_steps(probe, task, datas[task.name], cache=cache, rounds=3, block=5)
-    t_base, t_f3eo = (
-      times['adamw']['step_s'],
-      max(times['f3eo_reference']['step_s'], times['f3eo_theory_uncapped_global']['step_s']),
-    )
-    screen_steps = round(preset['screen_fraction'] * task.num_steps)
-    f3eo_steps = (
-      n_screen_f3eo * 3 * screen_steps + kept_f3eo * (3 + preset['seeds']) * task.num_steps
-    )
-    base_steps = sum(sweep_size(n) for n in registry.BASELINES) * (
-      screen_steps + task.num_steps
-    ) + 3 * preset['seeds'] * task.num_steps * (1 + t_f3eo / t_base)
-    seconds = f3eo_steps * t_f3eo + base_steps * t_base
-    total += seconds
-    lines.append(
-      f'{task.name}: AdamW {1 / t_base:.0f} steps/s, F3EO {1 / t_f3eo:.0f} steps/s;'
-      f' {f3eo_steps} F3EO steps, {base_steps:.0f} baseline steps: ~{seconds / 60:.0f} min'
-    )
-  lines.append(f'total ~{total / 3600:.1f} h of training (plus compilation and evaluation)')
-  return '\n'.join(lines)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def main(argv=None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--preset', default='full', choices=sorted(PRESETS))
-  tasks.add_arguments(parser)
-  parser.add_argument('--seeds', type=int, default=None)
-  parser.add_argument('--keep-top', type=int, default=None)
-  parser.add_argument('--screen-fraction', type=float, default=None)
-  parser.add_argument(
-    '--plan', action='store_true', help='print the plan and a time estimate; train nothing'
-  )
-  parser.add_argument(
-    '--fresh', action='store_true', help='ignore (and replace) the cache of finished runs'
-  )
-  outputs.add_arguments(parser)
-  parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-  return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> str:
-  args = parse_args(argv)
-  preset = dict(PRESETS[args.preset])
-  for key in ('tasks', 'steps', 'seeds', 'keep_top', 'screen_fraction'):
-    if getattr(args, key) is not None:
-      preset[key] = getattr(args, key)
-  args.steps = preset['steps']
-  t_start = time.perf_counter()
-  info = reporting.machine_info()
-  out_dir = str(outputs.directory(args))
-  os.makedirs(out_dir, exist_ok=True)
-  task_map = tasks.build(preset['tasks'], args, preset['sizes'])
-  datas = {name: task.load() for name, task in task_map.items()}
-  cache = training.StepCache()
-  if args.plan:
-    text = plan(task_map, datas, preset, cache)
-    print(text)
-    return text
-  # The cache stays in the ignored folder (or --out), even with --update-results.
-  cache_path = os.path.join(args.out or outputs.OUT_DIR, f'study_{args.preset}_cache.jsonl')
-  if args.fresh and os.path.exists(cache_path):
-    os.remove(cache_path)
-  runner = training.RunCache(cache_path)
-  print(
-    f'{info["command"]}\n{info["cpu"]}, {info["cores_available"]} cores; {info["date_utc"]};'
-    f' {len(runner.entries)} cached results in {os.path.relpath(cache_path)}',
-    flush=True,
-  )
-  progress = not args.no_progress
-
-  # training.run_protocol with this study's seeds, compiled steps and cache of finished runs.
-  protocol = functools.partial(
-    training.run_protocol,
-    seeds=range(preset['seeds']),
-    cache=cache,
-    progress=progress,
-    run_fn=runner.run,
-  )
-  r: dict[str, Any] = {}
-  r['screen'] = screening(task_map, datas, preset, runner, cache, progress)
-  r['kept'], r['mean_ranks_a'], r['rule'] = prune(r['screen'], task_map, preset)
-  print('(b) kept:', ', '.join(entry_name(e) for e in r['kept']), flush=True)
-  r['full'] = full_protocol(task_map, datas, r['kept'], preset, protocol, progress)
-  r['means'] = mean_test_metrics(r['full'], task_map)
-  r['mean_ranks_c'] = reporting.mean_ranks(r['means'], task_map)
-  r['f3eo_best'] = next(n for n in r['mean_ranks_c'] if registry.get(n.split('+')[0]).uses_obj_fn)
-  print(f'(c) best F3EO variant by mean rank: {r["f3eo_best"]}', flush=True)
-  r['wall'] = equal_wall_clock(
-    task_map,
-    datas,
-    r['kept'],
-    r['full'],
-    r['f3eo_best'],
-    preset,
-    protocol,
-    runner,
-    cache,
-    progress,
-  )
-  info.update(
-    total_wall_time_s=time.perf_counter() - t_start,
-    load_average_end=reporting.load_average(),
-    cached_results_used=runner.hits,
-  )
-  text = write_report(out_dir, args.preset, task_map, preset, r, info)
-  print('\n' + text)
-  print(
-    'wrote', os.path.join(os.path.relpath(out_dir), f'study_{args.preset}') + '{.md,.json,_*.png}'
-  )
+  parser.add_argument('--phase', nargs='+', default=['selection'], choices=PHASES)
+  parser.add_argument('--tasks', nargs='+', help="replace the phase's tasks")
+  parser.add_argument('--steps', type=int, help="every task's step count")
+  parser.add_argument('--fresh', action='store_true', help='ignore the cache of finished runs')
+  report.add_output_arguments(parser)
+  args = parser.parse_args(argv)
+  preset, start, info = PRESETS[args.preset], time.perf_counter(), report.machine_info()
+  args.steps = args.steps or preset['steps']
+  folder = report.out_dir(args)
+  cache_dir = args.out or report.OUT_DIR  # the cache stays out of git
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  runner = RunCache(str(cache_dir / f'study_{args.preset}_cache'), harness.StepCache(), args.fresh)
+  md, payload = [], {'machine': info, 'preset': preset}
+  builders = {**tasks.TASKS, **evaluation_tasks.EVALUATION_TASKS}
+  for phase in args.phase:
+    names = args.tasks or preset[phase]
+    tasks_map = tasks.build(names, args, preset['sizes'], builders)
+    datas = {name: task.load() for name, task in tasks_map.items()}
+    text, result = PHASES[phase](tasks_map, datas, preset, runner)
+    md, payload = md + text, {**payload, **result}
+    by_task = result.get('full', result.get('evaluation'))
+    runs = [r for by in by_task.values() for res in by.values() for r in res['runs']]
+    plot = folder / f'study_{args.preset}_{phase}_wall_time.png'
+    md += [f'![]({report.plot(runs, tasks_map, plot, "wall_time").name})', '']
+  info.update(wall_time_s=round(time.perf_counter() - start), cached_results_used=runner.hits)
+  name = '_'.join(['study', args.preset, *(p for p in args.phase if p != 'selection')])
+  text = '\n'.join(report.header(f'F3EO optimizer study: preset `{args.preset}`', info) + md) + '\n'
+  report.write(folder / f'{name}.md', text)
+  report.write(folder / f'{name}.json', payload=payload)
+  print(text)
   return text
 
 

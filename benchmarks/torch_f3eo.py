@@ -1,24 +1,11 @@
 """F3EO in PyTorch, written from the algorithm's definition: the independent twin of f3eo_jax.
 
-Nothing here imports ``f3eo_jax``. ``H·g`` comes from PyTorch's double backward: the
-gradient ``g`` is taken with ``create_graph=True`` and differentiated again through
-``½‖g‖²``, whose gradient is ``H·g``. Then, as in the library:
-
-1. ``m = meta_coef · H·g``;
-2. optional absolute clip: ``m ← m · min(1, τ/(‖m‖ + 1e-6))`` (global norm);
-3. projection: ``m⊥ = m − (⟨m,g⟩/⟨g,g⟩) g``, over all parameters as one vector
-   (``'global'``) or per tensor (``'per_leaf'``), skipped where ``⟨g,g⟩ = 0``;
-4. optional relative cap: ``m⊥ ← m⊥ · min(1, ρ‖g‖/(‖m⊥‖ + tiny))``, global or per
-   tensor like the projection;
-5. ``e = g + m⊥``, then an AdamW step on ``e``.
-
-Two rules are named: :data:`REFERENCE`, the published PyTorch code (``meta =
-∇‖g‖² = 2·H·g``, clipped to 1, projected per tensor, ``e = g − meta⊥``), and
-:data:`THEORY` (``e = g + (H·g)⊥``, global projection, no clip, no cap).
-
-Used by ``tests/test_torch_parity.py`` (step-for-step parity with the library, in
-float64) and by ``benchmarks/step_time.py`` (the PyTorch rows). Import it only where
-torch is installed.
+Nothing here imports ``f3eo_jax``. ``H·g`` comes from double backward (the gradient of
+``½‖g‖²``); then ``m = meta_coef·H·g``, an optional absolute clip of ``‖m‖``, the projection
+``m⊥ = m − (⟨m,g⟩/⟨g,g⟩) g`` (``'global'`` or ``'per_leaf'``), an optional relative cap
+``‖m⊥‖ ≤ ρ‖g‖``, ``e = g + m⊥``, then an AdamW step on ``e``. :data:`REFERENCE` is the
+published rule, :data:`THEORY` the uncapped theory rule. Used by
+``tests/test_torch_parity.py`` and the PyTorch rows of ``benchmarks/step_time.py``.
 
 Example:
   >>> import torch
@@ -34,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F
@@ -45,19 +31,12 @@ CAP_TINY = 1e-30  # the relative cap's guard against ‖m⊥‖ = 0
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """One F3EO rule, in the library's terms.
+  """One F3EO rule, in the library's terms."""
 
-  Attributes:
-    meta_coef: ``m = meta_coef · H·g`` (+1: the theory; −2: the published code).
-    projection: ``'global'`` or ``'per_leaf'``.
-    clip_norm: the absolute clip ``τ`` on ``‖m‖``, or None.
-    max_ratio: the relative cap ``ρ`` on ``‖m⊥‖ / ‖g‖``, or None.
-  """
-
-  meta_coef: float = 1.0
-  projection: str = 'global'
-  clip_norm: float | None = None
-  max_ratio: float | None = None
+  meta_coef: float = 1.0  # m = meta_coef · H·g (+1: the theory; −2: the published code)
+  projection: str = 'global'  # or 'per_leaf'
+  clip_norm: float | None = None  # the absolute clip τ on ‖m‖
+  max_ratio: float | None = None  # the relative cap ρ on ‖m⊥‖ / ‖g‖
 
 
 REFERENCE = Rule(meta_coef=-2.0, projection='per_leaf', clip_norm=1.0)
@@ -66,20 +45,12 @@ THEORY = Rule()
 
 @dataclasses.dataclass
 class EffectiveGradient:
-  """What one double-backward step gives, all detached.
+  """What one double-backward step gives, all detached."""
 
-  Attributes:
-    e: the effective gradient, one tensor per parameter.
-    grads: the plain gradient ``g``, one tensor per parameter.
-    hg_norm: ``‖H·g‖`` over the meta group, before the coefficient and the clip
-      (a 0-d tensor).
-    cap_scale: the smallest factor the relative cap applied (1 where it did not bind).
-  """
-
-  e: list[torch.Tensor]
-  grads: list[torch.Tensor]
-  hg_norm: torch.Tensor
-  cap_scale: torch.Tensor
+  e: list[torch.Tensor]  # the effective gradient, one tensor per parameter
+  grads: list[torch.Tensor]  # the plain gradient g
+  hg_norm: torch.Tensor  # ‖H·g‖ over the meta group, before the coefficient and the clip
+  cap_scale: torch.Tensor  # the smallest factor the relative cap applied
 
 
 def _sq(tensors) -> torch.Tensor:
@@ -94,26 +65,11 @@ def _groups(n: int, projection: str) -> list[list[int]]:
   raise ValueError(f'projection must be global or per_leaf, got {projection!r}')
 
 
-def effective_gradient(
-  loss: torch.Tensor,
-  params: Sequence[torch.Tensor],
-  in_meta: Sequence[bool] | None = None,
-  *,
-  rule: Rule = REFERENCE,
-) -> EffectiveGradient:
+def effective_gradient(loss, params, in_meta=None, *, rule: Rule = REFERENCE) -> EffectiveGradient:
   """The effective gradient ``e = g + m⊥`` of one F3EO step, by double backward.
 
-  Args:
-    loss: the scalar minibatch loss, built from ``params`` with autograd on.
-    params: the leaf tensors (``requires_grad=True``).
-    in_meta: one bool per parameter: whether it takes part in the meta term. The others
-      get ``e = g`` and are left out of ``H·g``'s tangent, the clip, the projection and
-      the cap: the meta objective is ``½‖g_M‖²`` over the meta group ``M``, differentiated
-      with respect to ``M`` only, which gives ``H_MM·g_M``. Default: all.
-    rule: the :class:`Rule`.
-
-  Returns:
-    An :class:`EffectiveGradient`.
+  ``in_meta``: one bool per parameter (default all): the others get ``e = g`` and are left
+  out of ``H·g``, the clip, the projection and the cap (``H_MM·g_M`` over the meta group M).
   """
   params = list(params)
   in_meta = [True] * len(params) if in_meta is None else list(in_meta)
@@ -143,9 +99,7 @@ def effective_gradient(
         m[i] = m[i] * scale
   meta_e = iter([x + y for x, y in zip(g, m)])
   e = [next(meta_e) if keep else gr.detach() for gr, keep in zip(grads, in_meta)]
-  return EffectiveGradient(
-    e=e, grads=[gr.detach() for gr in grads], hg_norm=hg_norm, cap_scale=cap_scale
-  )
+  return EffectiveGradient(e, [gr.detach() for gr in grads], hg_norm, cap_scale)
 
 
 def _sq_dot(m, g, group) -> torch.Tensor:
@@ -153,21 +107,13 @@ def _sq_dot(m, g, group) -> torch.Tensor:
 
 
 class AdamW:
-  """AdamW by hand: decoupled decay, bias-corrected moments, optional AMSGrad.
-
-  ``p ← p − lr·wd·p``, then ``p ← p − (lr/bc1)·m / (√v/√bc2 + eps)`` with ``v`` the
-  running maximum of the second moment under AMSGrad; the same as
-  ``torch.optim.AdamW`` (checked in ``tests/test_torch_parity.py``).
-  """
+  """AdamW by hand (decoupled decay, bias correction, optional AMSGrad), as torch.optim.AdamW."""
 
   def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False):
     self.params = list(params)
     self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-    self.amsgrad = amsgrad
-    self.t = 0
-    self.m = [torch.zeros_like(p) for p in self.params]
-    self.v = [torch.zeros_like(p) for p in self.params]
-    self.vmax = [torch.zeros_like(p) for p in self.params]
+    self.amsgrad, self.t = amsgrad, 0
+    self.m, self.v, self.vmax = ([torch.zeros_like(p) for p in self.params] for _ in range(3))
 
   @torch.no_grad()
   def step(self, effective_grads):
@@ -181,9 +127,7 @@ class AdamW:
       self.v[i] = self.b2 * self.v[i] + (1.0 - self.b2) * e * e
       if self.amsgrad:
         self.vmax[i] = torch.maximum(self.vmax[i], self.v[i])
-        v = self.vmax[i]
-      else:
-        v = self.v[i]
+      v = self.vmax[i] if self.amsgrad else self.v[i]
       p.sub_((self.lr / bc1) * self.m[i] / (torch.sqrt(v) / math.sqrt(bc2) + self.eps))
 
 
@@ -193,18 +137,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def f3eo_step(model, optimizer, x, y, rule: Rule = REFERENCE) -> torch.Tensor:
-  """One F3EO training step of ``model`` with a ``torch.optim`` optimizer on ``e``.
-
-  Args:
-    model: a ``torch.nn.Module`` returning logits.
-    optimizer: built on ``model``'s parameters (``torch.optim.AdamW`` for F3EO).
-    x: the inputs.
-    y: the integer labels.
-    rule: the :class:`Rule` (default: the published one).
-
-  Returns:
-    The minibatch loss before the step.
-  """
+  """One F3EO step of ``model``: ``e`` by double backward, then ``optimizer`` on ``e``."""
   params = [p for p in model.parameters() if p.requires_grad]
   loss = cross_entropy(model(x), y)
   out = effective_gradient(loss, params, rule=rule)

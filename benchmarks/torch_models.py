@@ -1,9 +1,5 @@
-"""PyTorch twins of :mod:`benchmarks.models`, for the PyTorch baselines in step_time.
-
-Same architectures, shapes and parameter counts as the Flax modules (not the same
-initial weights). Inputs use the Flax layout: channels last, ``(B, L, C)`` or
-``(B, L)`` signals and ``(B, H, W, C)`` images; the modules transpose internally.
-"""
+"""PyTorch twins of :mod:`benchmarks.models` (same shapes and parameter counts, not the same
+weights), taking the Flax layout: channels last; the modules transpose internally."""
 
 from __future__ import annotations
 
@@ -13,11 +9,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-  """``(B, ..., C)`` → ``(B, C, ...)``."""
-  return x.movedim(-1, 1)
 
 
 class MLP(nn.Module):
@@ -39,38 +30,26 @@ class MLP(nn.Module):
 class CNN(nn.Module):
   """Conv → BatchNorm → ReLU → max-pool stages, dense → dropout → logits.
 
-  Args:
-    input_shape: one example's shape without the batch axis: ``(L,)``, ``(L, C)`` or
-      ``(H, W, C)``.
+  ``input_shape``: one example's shape, ``(L,)``, ``(L, C)`` or ``(H, W, C)``.
   """
 
-  def __init__(
-    self,
-    input_shape: Sequence[int],
-    num_classes: int = 10,
-    channels: Sequence[int] = (32, 64),
-    dense: int = 128,
-    dropout_rate: float = 0.1,
-  ):
+  def __init__(self, input_shape, num_classes=10, channels=(32, 64), dense=128, dropout_rate=0.1):
     super().__init__()
     shape = list(input_shape)
     if len(shape) == 1:
       shape.append(1)
     spatial, in_ch = shape[:-1], shape[-1]
+    one_d = len(spatial) == 1
     conv, norm, pool = (
       (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
-      if len(spatial) == 1
+      if one_d
       else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
     )
     kernel = 5 if len(spatial) == 1 else 3
     stages = []
     for width in channels:
-      stages += [
-        conv(in_ch, width, kernel, padding=kernel // 2, bias=False),
-        norm(width, eps=1e-5, momentum=0.1),
-        nn.ReLU(),
-        pool(2),
-      ]
+      stages += [conv(in_ch, width, kernel, padding=kernel // 2, bias=False), norm(width)]
+      stages += [nn.ReLU(), pool(2)]
       in_ch = width
       spatial = [s // 2 for s in spatial]
     self.features = nn.Sequential(*stages)
@@ -81,7 +60,7 @@ class CNN(nn.Module):
   def forward(self, x):
     if x.dim() == 2:
       x = x[..., None]
-    x = self.features(_channels_first(x))
+    x = self.features(x.movedim(-1, 1))
     x = F.relu(self.hidden(x.flatten(1)))
     return self.out(self.dropout(x))
 
@@ -126,7 +105,7 @@ class ResNet18(nn.Module):
     self.out = nn.Linear(in_ch, num_classes)
 
   def forward(self, x):
-    x = self.blocks(self.stem(_channels_first(x)))
+    x = self.blocks(self.stem(x.movedim(-1, 1)))
     return self.out(x.mean(dim=(2, 3)))
 
 

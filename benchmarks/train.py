@@ -1,208 +1,110 @@
 """The main job: F3EO against AdamW on MNIST-1D, an MLP and a CNN.
 
-With no arguments: the library's default ``f3eo``, the published rule ``f3eo_reference``,
-the theory's rule without any cap (``f3eo_theory_uncapped_global``, to show why the cap
-exists) and ``adamw``; 1000 steps of batch 128, one seed, learning rate 3e-3 with cosine
-decay, weight decay 1e-4. It prints a table and writes markdown, JSON and plots to
-``benchmarks/out/`` (``--update-results``: the committed ``benchmarks/results/``).
-Other presets are data in :data:`PRESETS`; every option below overrides the preset's.
+Default: ``f3eo``, the same with ``hvp_every=10`` on the host schedule
+(``f3eo_jax.jit_amortized``), ``f3eo_reference``, the uncapped theory rule and AdamW; 1000
+steps of batch 128, one seed, lr 3e-3 with cosine decay, weight decay 1e-4. Then each one
+re-run for as many steps as fit in the time ``f3eo`` took (equal wall-clock).
 
 Usage::
 
-  python -m benchmarks.train                 # the main job (a few minutes on 2 CPU cores)
+  python -m benchmarks.train                 # the main job (about 2 minutes on 2 CPU cores)
   python -m benchmarks.train --preset full   # + AdamW-wd and SGD; sweeps; 3 seeds
   python -m benchmarks.train --tasks mnist1d_cnn --optimizers f3eo adamw sgd --steps 500
-  python -m benchmarks.train --dataset mnist --data-dir ~/tensorflow_datasets  # prepared TFDS
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import time
-from collections.abc import Sequence
 
-if __package__ in (None, ''):  # `python benchmarks/train.py`: the package is not importable
-  raise SystemExit('Run it as a module, from the repository root: python -m benchmarks.train')
+import pandas as pd
 
-from benchmarks import outputs, registry, reporting, tasks, training
+from benchmarks import config, harness, report, tasks
 
-MAIN_OPTIMIZERS = ('f3eo', 'f3eo_reference', 'f3eo_theory_uncapped_global', 'adamw')
-MNIST1D_TASKS = ('mnist1d_mlp', 'mnist1d_cnn')
+MAIN = ('f3eo', 'f3eo_hvp10_python', 'f3eo_reference', 'f3eo_theory_uncapped_global', 'adamw')
+MNIST1D = ('mnist1d_mlp', 'mnist1d_cnn')
+X_AXES = ('eval_steps', 'wall_time')
 PRESETS = {
-  'main': dict(tasks=MNIST1D_TASKS, optimizers=MAIN_OPTIMIZERS, seeds=1, sweep=False),
-  'full': dict(
-    tasks=MNIST1D_TASKS, optimizers=(*MAIN_OPTIMIZERS, 'adamw_wd', 'sgd'), seeds=3, sweep=True
-  ),
-  'smoke': dict(
-    tasks=MNIST1D_TASKS,
-    optimizers=('f3eo', 'adamw'),
-    seeds=1,
-    sweep=False,
-    steps=6,
-    eval_every=3,
-    train_subset=256,
-    sizes=tasks.SMOKE_SIZES,
-  ),
+  'main': dict(tasks=MNIST1D, optimizers=MAIN, seeds=1, sweep=False),
+  'full': dict(tasks=MNIST1D, optimizers=(*MAIN, 'adamw_wd', 'sgd'), seeds=3, sweep=True),
+  'smoke': dict(tasks=MNIST1D, optimizers=('f3eo', 'f3eo_hvp10_python', 'adamw'), seeds=1),
 }
+PRESETS['smoke'].update(
+  sweep=False, steps=20, eval_every=10, train_subset=256, sizes=tasks.SMOKE_SIZES
+)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--preset', default='main', choices=sorted(PRESETS))
   tasks.add_arguments(parser)
-  parser.add_argument(
-    '--optimizers',
-    nargs='+',
-    default=None,
-    choices=sorted(registry.VARIANTS),
-    metavar='NAME',
-    help='registry names (benchmarks/registry.py)',
-  )
-  parser.add_argument('--seeds', type=int, default=None, help='number of seeds (0, 1, ...)')
-  parser.add_argument(
-    '--sweep',
-    action=argparse.BooleanOptionalAction,
-    default=None,
-    help="pick each optimizer's hyperparameters on a validation split",
-  )
-  parser.add_argument(
-    '--learning-rate',
-    type=float,
-    default=None,
-    help="one peak learning rate for every optimizer (default: each variant's)",
-  )
-  parser.add_argument(
-    '--weight-decay',
-    type=float,
-    default=None,
-    help=f'weight decay of the Adam family (default {registry.DEFAULT_WEIGHT_DECAY:g})',
-  )
-  parser.add_argument('--eval-every', type=int, default=None)
-  parser.add_argument(
-    '--train-subset', type=int, default=None, help='train on the first N examples'
-  )
-  parser.add_argument(
-    '--tag', default=None, help='output files train_<tag>.* (default: the preset)'
-  )
-  outputs.add_arguments(parser)
-  parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+  parser.add_argument('--optimizers', nargs='+', choices=sorted(config.VARIANTS), metavar='NAME')
+  parser.add_argument('--seeds', type=int, help='number of seeds (0, 1, ...)')
+  parser.add_argument('--sweep', action=argparse.BooleanOptionalAction, help='tune the lr')
+  parser.add_argument('--learning-rate', type=float, help="one peak lr (default: the variant's)")
+  parser.add_argument('--weight-decay', type=float, help=f'default {config.WEIGHT_DECAY:g}')
+  parser.add_argument('--eval-every', type=int)
+  parser.add_argument('--train-subset', type=int, help='train on the first N examples')
+  parser.add_argument('--wall-clock-reference', default='f3eo', help="'none': skip it")
+  report.add_output_arguments(parser)
   args = parser.parse_args(argv)
   args.sizes = None
   for key, value in PRESETS[args.preset].items():
     if getattr(args, key, None) is None:
       setattr(args, key, value)
-  args.tag = args.tag or args.preset
   return args
 
 
-def base_config(task: tasks.Task, name: str, args: argparse.Namespace) -> training.Config:
-  """The run of optimizer ``name`` on ``task`` before any sweep."""
-  variant = registry.get(name)
-  wd = args.weight_decay if variant.has_weight_decay else None
-  return training.Config(
-    task=task.name,
-    optimizer=name,
-    learning_rate=args.learning_rate or variant.learning_rate * task.lr_scale,
-    weight_decay=wd,
-    num_steps=task.num_steps,
-    eval_every=args.eval_every,
-    train_subset=args.train_subset,
-  )
+def run_task(task, args, cache) -> tuple[dict, dict]:
+  """The equal-steps results (with sweeps) and the equal-wall-clock runs of one task."""
+  configs = {}
+  for name in args.optimizers:
+    v = config.get(name)
+    lr = args.learning_rate or v.default_lr() * task.lr_scale
+    wd = args.weight_decay if v.has_weight_decay else None
+    configs[name] = harness.RunConfig(v, lr, wd, task.num_steps, None, args.eval_every)
+    configs[name] = dataclasses.replace(configs[name], train_subset=args.train_subset)
+  data, seeds, ref = task.load(), range(args.seeds), args.wall_clock_reference
+  results, tuned = harness.compare(configs, task, data, seeds=seeds, tune=args.sweep, cache=cache)
+  if ref not in tuned:
+    return results, {}
+  return results, harness.equal_wall_clock(tuned, ref, task, data, seeds=seeds, cache=cache)
 
 
-def write_report(out_dir, tag, task_map, runs, sweeps, info, args) -> str:
-  """``train_<tag>.md``/``.json`` and the plots; returns the markdown."""
-  prefix = os.path.join(out_dir, f'train_{tag}')
-  plots = [
-    reporting.plot_curves(runs, task_map, f'{prefix}_curves.png'),
-    reporting.plot_diagnostics(runs, task_map, f'{prefix}_diagnostics.png'),
-  ]
-  rows = reporting.summarize(runs)
-  md = [
-    f'# F3EO against baselines: preset `{args.preset}`',
-    '',
-    reporting.machine_paragraph(info),
-    '',
-  ]
-  md += [f'- {t.label}: {t.description}' for t in task_map.values()]
-  md += [
-    '',
-    'Cosine decay of the learning rate to 0 over the run; final metric mean ± std over seeds;'
-    ' train time excludes compilation and evaluation.',
-    '',
-    reporting.results_table(rows, task_map),
-    '',
-  ]
-  for (task_name, name), records in sweeps.items():
-    task = task_map[task_name]
-    cells = ', '.join(
-      f'{registry.Hyperparams(r["learning_rate"], r["weight_decay"]).label()} → '
-      + ('diverged' if r['diverged'] else reporting.format_value(r['metric'], task.metric_kind))
-      for r in records
-    )
-    md.append(f'- sweep {task.label}, {registry.get(name).label} (validation split): {cells}')
-  for task in task_map.values():
-    if task.references:
-      refs = ', '.join(
-        f'{k} {reporting.format_value(v, task.metric_kind)}' for k, v in task.references.items()
-      )
-      md.append(f'- {task.label}, published references: {refs}.')
-  md += [''] + [f'![]({os.path.basename(p)})' for p in plots]
-  text = '\n'.join(md) + '\n'
-  reporting.write_text(f'{prefix}.md', text)
-  reporting.write_json(
-    f'{prefix}.json',
-    {
-      'machine': info,
-      'args': vars(args),
-      'summary': rows,
-      'sweeps': [{'task': t, 'optimizer': o, 'candidates': r} for (t, o), r in sweeps.items()],
-      'runs': [reporting.downsample(r) for r in runs],
-      'plots': [os.path.basename(p) for p in plots],
-    },
-  )
-  return text
-
-
-def main(argv: Sequence[str] | None = None, *, cache: training.StepCache | None = None) -> str:
-  """Runs the command line ``argv``; returns the report. ``cache``: compiled steps to reuse."""
+def main(argv=None, *, cache=None) -> str:
   args = parse_args(argv)
-  t_start = time.perf_counter()
-  info = reporting.machine_info()
-  out_dir = str(outputs.directory(args))
-  os.makedirs(out_dir, exist_ok=True)
+  start, info, folder = time.perf_counter(), report.machine_info(), report.out_dir(args)
   task_map = tasks.build(args.tasks, args, args.sizes)
-  print(f'{info["command"]}\n{info["cpu"]}, {info["cores_available"]} cores; {info["date_utc"]}')
-  cache, runs, sweeps = cache or training.StepCache(), [], {}
+  cache, runs, sweeps, walls, same = cache or harness.StepCache(), [], {}, {}, {}
   for task in task_map.values():
-    data = task.load()
-    for name in args.optimizers:
-      result = training.run_protocol(
-        base_config(task, name, args),
-        task,
-        data,
-        seeds=range(args.seeds),
-        tune=args.sweep,
-        cache=cache,
-        progress=not args.no_progress,
-      )
-      if args.sweep:
-        sweeps[(task.name, name)] = result['sweep']
-        print(f'sweep {task.name}/{name}: chose {result["chosen"].label()}')
-      for run in result['runs']:
-        print(training.one_line(run, task), flush=True)
-      runs += result['runs']
-  info.update(
-    total_wall_time_s=time.perf_counter() - t_start, load_average_end=reporting.load_average()
-  )
-  text = write_report(out_dir, args.tag, task_map, runs, sweeps, info, args)
-  print('\n' + text)
-  print(
-    'wrote',
-    os.path.join(os.path.relpath(out_dir), f'train_{args.tag}')
-    + '{.md,.json,_curves.png,_diagnostics.png}',
-  )
+    results, walls[task.name] = run_task(task, args, cache)
+    sweeps[task.name] = {name: res['sweep'] for name, res in results.items()}
+    same[task.name] = {n: [r['final_metric'] for r in res['runs']] for n, res in results.items()}
+    runs += [r for res in results.values() for r in res['runs']]
+  info.update(wall_time_s=round(time.perf_counter() - start))
+  prefix = f'train_{args.preset}'
+  plots = [report.plot(runs, task_map, folder / f'{prefix}_{x}.png', x=x) for x in X_AXES]
+  for key in ('grad_sq_norm', 'cos_g_hg'):
+    plots.append(report.plot(runs, task_map, folder / f'{prefix}_{key}.png', value=key))
+  md = report.header(f'F3EO against baselines: preset `{args.preset}`', info)
+  md += report.section('Equal steps', report.summary(runs, task_map))
+  if any(walls.values()):
+    title = f'Equal wall-clock (reference `{args.wall_clock_reference}`)'
+    md += report.section(title, report.wall_clock_frame(same, walls, task_map), '.3g')
+  if args.sweep:
+    rows = [
+      dict(task=t, optimizer=o, **r) for t, by in sweeps.items() for o, rs in by.items() for r in rs
+    ]
+    md += report.section('Sweeps (validation split)', pd.DataFrame(rows))
+  text = '\n'.join(md + [f'![]({p.name})' for p in plots]) + '\n'
+  report.write(folder / f'{prefix}.md', text)
+  payload = dict(machine=info, args={k: v for k, v in vars(args).items() if k != 'sizes'})
+  payload.update(sweeps=sweeps, runs=[report.downsample(r) for r in runs])
+  shrink = lambda w: {**w, 'runs': [report.downsample(r) for r in w['runs']]}
+  payload['wall_clock'] = {t: {n: shrink(w) for n, w in by.items()} for t, by in walls.items()}
+  report.write(folder / f'{prefix}.json', payload=payload)
+  print(f'\n{text}\nwrote {folder / prefix}.{{md,json}} and {len(plots)} plots')
   return text
 
 

@@ -1,20 +1,10 @@
-"""XLA helpers shared by the benchmarks and the tests.
-
-- :func:`use_host_devices`: simulated CPU devices (``--xla_force_host_platform_device_count``),
-  set before JAX starts its backend.
-- :func:`collectives`: the collectives of a compiled, SPMD-partitioned module, counted from
-  its HLO text, optionally split by whether they sit inside a ``conditional`` branch.
-- :func:`memory_bytes` and :func:`flops`: what XLA's ``memory_analysis()`` and
-  ``cost_analysis()`` say a compiled step needs.
-
-This module imports JAX only inside functions, so a script can import it, call
-:func:`use_host_devices`, and import JAX afterwards.
+"""XLA helpers shared by the benchmarks and the tests: simulated CPU devices, the
+collectives of a compiled module (from its HLO text), XLA's memory and FLOP counts. JAX is
+imported only inside functions, so a script can call :func:`use_host_devices` first.
 
 Example:
   >>> from benchmarks import xla_utils
-  >>> hlo = '''ENTRY %main {
-  ...   %ar = f32[4,8]{1,0} all-reduce(f32[4,8]{1,0} %x), to_apply=%add
-  ... }'''
+  >>> hlo = 'ENTRY %main {\\n  %ar = f32[4,8]{1,0} all-reduce(f32[4,8]{1,0} %x), to_apply=%add\\n}'
   >>> xla_utils.collectives(hlo)
   {'all-reduce': {'count': 1, 'elements': 32, 'sizes': [32]}}
 """
@@ -43,13 +33,7 @@ _BRANCHES = re.compile(
 def host_device_flags(num_devices: int, *, fast_compile: bool = False) -> str:
   """``XLA_FLAGS`` for ``num_devices`` simulated CPU devices, appended to the current ones.
 
-  Args:
-    num_devices: the device count.
-    fast_compile: also turn off XLA:CPU's expensive optimisation passes (same HLO, same
-      math, less compile time; for tests, not for timings).
-
-  Returns:
-    The flag string.
+  ``fast_compile`` also turns off XLA:CPU's expensive passes (same math; for tests).
   """
   flags = [f'--xla_force_host_platform_device_count={num_devices}']
   if fast_compile:
@@ -64,11 +48,8 @@ def host_device_flags(num_devices: int, *, fast_compile: bool = False) -> str:
 
 
 def use_host_devices(num_devices: int, *, fast_compile: bool = False) -> None:
-  """Sets ``XLA_FLAGS`` and ``JAX_PLATFORMS=cpu`` for ``num_devices`` simulated devices.
-
-  Call it before JAX creates its backend (before the first ``jax.devices()`` or
-  computation); afterwards the flags have no effect.
-  """
+  """Sets ``XLA_FLAGS`` and ``JAX_PLATFORMS=cpu`` for ``num_devices`` simulated devices
+  (before JAX creates its backend: afterwards the flags have no effect)."""
   os.environ['XLA_FLAGS'] = host_device_flags(num_devices, fast_compile=fast_compile)
   os.environ['JAX_PLATFORMS'] = 'cpu'
 
@@ -82,17 +63,10 @@ def _branch_computations(hlo_text: str) -> set[str]:
 
 
 def collectives(hlo_text: str, *, by_branch: bool = False) -> dict[str, dict[str, Any]]:
-  """The collectives of a compiled module: op count, result elements and array sizes.
+  """The collectives of ``compiled.as_text()``: op count, result elements (per device), sizes.
 
-  Args:
-    hlo_text: ``compiled.as_text()`` of a jitted function (SPMD-partitioned HLO).
-    by_branch: key the counts by ``'<op> (always)'`` for ops outside any ``conditional``
-      branch and ``'<op> (in_cond)'`` for those inside one (with ``hvp_every=k`` these
-      run on one step in ``k``), instead of by ``'<op>'``.
-
-  Returns:
-    ``{key: {'count': ops, 'elements': total result elements, 'sizes': the result arrays'
-    element counts, largest first}}``; elements are per device.
+  ``by_branch`` keys them ``'<op> (always)'`` or ``'<op> (in_cond)'`` (inside a
+  ``conditional`` branch: with ``hvp_every=k``, one step in ``k``) instead of ``'<op>'``.
   """
   branch_names = _branch_computations(hlo_text) if by_branch else set()
   out: dict[str, dict[str, Any]] = {}
@@ -118,15 +92,8 @@ def collectives(hlo_text: str, *, by_branch: bool = False) -> dict[str, dict[str
 
 
 def memory_bytes(compiled) -> dict[str, int]:
-  """XLA's ``memory_analysis()`` of a compiled function, and the step's peak.
-
-  ``peak = argument + output + temp − alias``: the whole footprint of one call, inputs
-  included, where ``alias`` is what donated inputs share with the outputs (zero without
-  ``donate_argnums``).
-
-  Returns:
-    ``{'argument', 'output', 'temp', 'alias', 'peak'}`` in bytes.
-  """
+  """XLA's ``memory_analysis()`` in bytes, and ``peak = argument + output + temp − alias``
+  (the whole footprint of one call; ``alias``: what donated inputs share with outputs)."""
   mem = compiled.memory_analysis()
   out = {
     'argument': int(mem.argument_size_in_bytes),
@@ -139,11 +106,7 @@ def memory_bytes(compiled) -> dict[str, int]:
 
 
 def flops(compiled) -> float:
-  """XLA's ``cost_analysis()`` FLOP count of a compiled function (NaN if it has none).
-
-  Both branches of a ``lax.cond`` are counted, so for a step with ``hvp_every=k`` this is
-  not the per-step average.
-  """
+  """XLA's ``cost_analysis()`` FLOP count (NaN if none); a ``lax.cond`` counts both branches."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', float('nan'))) if cost else float('nan')

@@ -1,10 +1,11 @@
-"""benchmarks/study.py: the pruning rule, and every phase end to end at tiny sizes."""
+"""benchmarks/study.py: the pruning rule, and both phases end to end at tiny sizes."""
 
 import json
 
 import numpy as np
+import pytest
 
-from benchmarks import registry, study, tasks
+from benchmarks import config, study
 
 
 class _Task:
@@ -13,68 +14,63 @@ class _Task:
 
 
 def test_prune_keeps_baselines_reference_uncapped_and_the_best_grid_variants():
-  grid = list(registry.GRID)
-  # Validation metrics: on task 'up' (higher is better) grid[i] scores -i; on 'down' it scores i,
-  # so grid[0] is best on both, then grid[1]... except the uncapped theory rule, best on 'up'.
-  screen = {'up': {}, 'down': {}}
-  for i, name in enumerate(grid):
-    screen['up'][name] = {'metric': -float(i)}
-    screen['down'][name] = {'metric': float(i)}
+  grid = list(config.GRID)
+  # grid[i] scores -i on 'up' (higher is better) and i on 'down': grid[0] is best on both,
+  # except that the uncapped theory rule is best on 'up' and theory clip1 diverged on 'down'.
+  screen = {'up': {n: {'metric': -float(i)} for i, n in enumerate(grid)}}
+  screen['down'] = {n: {'metric': float(i)} for i, n in enumerate(grid)}
   screen['up']['f3eo_theory_uncapped_global']['metric'] = 100.0
-  screen['down']['f3eo_theory_clip1_global']['metric'] = np.inf  # diverged: ranks last
-  for name in ('f3eo_reference', *registry.BASELINES):
-    screen['up'][name] = {'metric': 0.5}
-    screen['down'][name] = {'metric': 0.5}
+  screen['down']['f3eo_theory_clip1_global']['metric'] = np.inf
+  for name in ('f3eo_reference', *config.BASELINES):
+    screen['up'][name] = screen['down'][name] = {'metric': 0.5}
   preset = dict(study.PRESETS['full'], keep_top=3)
-  kept, ranks, rule = study.prune(screen, {'up': _Task(True), 'down': _Task(False)}, preset)
-  names = [study.entry_name(e) for e in kept]
-  expected_top = [
-    n for n in grid if n not in ('f3eo_theory_uncapped_global', 'f3eo_theory_clip1_global')
-  ][:3]
-  expected_theory = [n for n in grid if n.startswith('f3eo_theory_rho')][:2]
-  assert set(names) == {
-    *expected_top,
-    *expected_theory,
-    f'{expected_top[0]}+hvp_every=10',
-    f'{expected_theory[0]}+hvp_every=10',
-    'f3eo_reference',
-    'f3eo_theory_uncapped_global',
-    *registry.BASELINES,
-  }
-  assert ranks['f3eo_theory_clip1_global'] > ranks[expected_top[2]]
-  assert 'mean rank' in rule
+  kept, ranks = study.prune(screen, {'up': _Task(True), 'down': _Task(False)}, preset)
+  skip = ('f3eo_theory_uncapped_global', 'f3eo_theory_clip1_global')
+  top = [n for n in grid if n not in skip][:3]
+  theory = [n for n in grid if n.startswith('f3eo_theory_rho')][:2]
+  every = {f'{top[0]}+hvp_every=10', f'{theory[0]}+hvp_every=10'}
+  assert {v.name for v in kept} == {*top, *theory, *every, *study.ALWAYS_KEPT}
+  assert ranks['f3eo_theory_clip1_global'] > ranks[top[2]]
 
 
-def test_study_smoke_runs_every_phase_and_resumes_from_its_cache(tmp_path):
-  argv = ['--preset', 'smoke', '--out', str(tmp_path), '--no-progress']
+def test_study_smoke_runs_both_phases_and_resumes_from_its_cache(tmp_path):
+  argv = ['--preset', 'smoke', '--out', str(tmp_path), '--phase', 'selection']
   text = study.main(argv)
   payload = json.loads((tmp_path / 'study_smoke.json').read_text())
   preset = study.PRESETS['smoke']
-  task_names = [tasks.get(n, **tasks.SMOKE_SIZES[n]).name for n in preset['tasks']]
-  assert set(payload['screening']) == set(task_names)
+  assert set(payload['screening']) == set(preset['selection'])
   for by_variant in payload['screening'].values():
     assert set(by_variant) == set(preset['screen'])
     assert len(by_variant['adamw_wd']['records']) == 9  # lr × weight decay
-  kept = payload['kept']
-  assert {'f3eo_reference', *registry.BASELINES} <= set(kept)
-  assert any(k.endswith('+hvp_every=10') for k in kept)
+  assert {'f3eo_reference', 'adamw', 'adamw_wd'} <= set(payload['kept'])
+  assert any(k.endswith('+hvp_every=10') for k in payload['kept'])
   for by_entry in payload['full'].values():
-    assert set(by_entry) == set(kept)
-    for res in by_entry.values():
-      assert len(res['runs']) == preset['seeds']
-      assert all(np.isfinite(r['final_metric']) for r in res['runs'])
+    assert set(by_entry) == set(payload['kept'])
+    assert all(len(res['runs']) == preset['seeds'] for res in by_entry.values())
   for wall in payload['wall_clock'].values():
-    ref = wall['reference']
-    assert wall['times'][ref]['ratio'] == 1.0
-    for name, steps in wall['budgets'].items():
-      assert steps == max(1, round(preset['steps'] / wall['times'][name]['ratio']))
-      assert all(r['steps_done'] == steps for r in wall['runs'][name])
-  for suffix in ('.md', '_curves.png', '_diagnostics.png', '_wall_clock.png'):
-    assert (tmp_path / f'study_smoke{suffix}').stat().st_size > 0
+    for w in wall.values():
+      assert w['steps'] == max(1, round(preset['steps'] / w['ratio']))
+      assert all(r['steps_done'] == w['steps'] for r in w['runs'])
   assert '## (d) Equal wall-clock' in text
-  # Run again: every run and timing comes from the cache, the tables are the same.
-  again = study.main(argv)
-  payload2 = json.loads((tmp_path / 'study_smoke.json').read_text())
-  assert payload2['machine']['cached_results_used'] > 0
-  assert payload2['full_mean_ranks'] == payload['full_mean_ranks']
-  assert again.split('## Tasks')[1] == text.split('## Tasks')[1]
+  again = study.main(argv)  # every run and timing from the cache: the same tables
+  assert (
+    json.loads((tmp_path / 'study_smoke.json').read_text())['machine']['cached_results_used'] > 0
+  )
+  assert again.split('## (a)')[1] == text.split('## (a)')[1]
+
+  text = study.main(['--preset', 'smoke', '--out', str(tmp_path), '--phase', 'evaluation'])
+  payload = json.loads((tmp_path / 'study_smoke_evaluation.json').read_text())
+  for by_name in payload['evaluation'].values():
+    assert set(by_name) == set(study.EVALUATED)
+    seeds = [[r['config']['seed'] for r in res['runs']] for res in by_name.values()]
+    assert seeds == [list(preset['evaluation_seeds'])] * 4
+  for wall in payload['evaluation_wall_clock'].values():
+    assert wall['f3eo']['ratio'] == 1.0 and set(wall) == set(study.EVALUATED)
+  assert '## Evaluation: equal steps' in text and '## Evaluation: equal wall-clock' in text
+
+
+@pytest.mark.parametrize('name', ['study_full.json'])
+def test_the_committed_selection_record_is_kept(name):
+  path = study.report.RESULTS_DIR / name
+  payload = json.loads(path.read_text())
+  assert {'screening', 'kept', 'full', 'wall_clock'} <= set(payload)

@@ -151,9 +151,11 @@ def linen_value_grad_and_obj_fn(
     ...     return nn.Dense(2)(nn.Dropout(0.2, deterministic=not train)(x))
     >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
     >>> variables = Net().init(jax.random.key(0), x, train=False)
-    >>> xent = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    >>> def xent(logits):
+    ...   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     >>> (loss, model_state), grads, obj_fn = f3eo_jax.flax.linen_value_grad_and_obj_fn(
-    ...     Net().apply, variables, xent, x, train=True, rngs={'dropout': jax.random.key(1)})
+    ...     Net().apply, variables, xent, x, train=True,
+    ...     rngs={'dropout': jax.random.key(1)})
     >>> sorted(model_state)
     ['batch_stats']
     >>> bool(jnp.allclose(obj_fn(variables['params']), loss))

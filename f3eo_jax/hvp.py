@@ -118,8 +118,9 @@ def grad_and_hvp(obj_fn: ObjFn, params: PyTree, tangent: PyTree) -> tuple[PyTree
   """Returns ``(∇f(params), H·tangent)`` by forward-over-reverse autodiff.
 
   One ``jax.jvp`` of the gradient: its primal output is the gradient and its tangent
-  output the Hessian-vector product. See the module docstring for integer and complex
-  leaves.
+  output the Hessian-vector product. Integer and bool leaves are held fixed (zero
+  gradient and product); a complex leaf ``z = x + iy`` counts as the real pair
+  ``(x, y)``, packed as ``a_x + i·a_y``.
 
   Args:
     obj_fn: scalar function of ``params``.
@@ -201,8 +202,10 @@ def value_grad_and_hvp(
     >>> import f3eo_jax
     >>> f = lambda p: jnp.sum(p ** 3)
     >>> loss, g, hvp_fn = f3eo_jax.value_grad_and_hvp(f, jnp.array([1.0, 2.0]))
-    >>> loss, g, hvp_fn(g)
-    (Array(9., dtype=float32), Array([ 3., 12.], dtype=float32), Array([ 18., 144.], dtype=float32))
+    >>> loss, g
+    (Array(9., dtype=float32), Array([ 3., 12.], dtype=float32))
+    >>> hvp_fn(g)
+    Array([ 18., 144.], dtype=float32)
   """
   split = _Differentiable(params)
   grads, linear_fn, value = jax.linearize(

@@ -154,7 +154,8 @@ def raise_on_mismatch(opt_state: PyTree) -> None:
     >>> loss = lambda p, x: jnp.sum((p - x) ** 2)
     >>> tx, p = f3eo_jax.f3eo(1e-2), jnp.zeros(3)
     >>> g = jax.grad(loss)(p, 1.0)
-    >>> _, state = tx.update(g, tx.init(p), p, obj_fn=lambda q: loss(q, 2.0))  # wrong batch
+    >>> wrong_obj_fn = lambda q: loss(q, 2.0)  # the loss of another batch
+    >>> _, state = tx.update(g, tx.init(p), p, obj_fn=wrong_obj_fn)
     >>> f3eo_jax.raise_on_mismatch(state)
     Traceback (most recent call last):
     ...

@@ -98,9 +98,8 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, *, num_epo
 
 
 def friedman1_target(x: np.ndarray) -> np.ndarray:
-  return (
-    10 * np.sin(np.pi * x[:, 0] * x[:, 1]) + 20 * (x[:, 2] - 0.5) ** 2 + 10 * x[:, 3] + 5 * x[:, 4]
-  )
+  x1, x2, x3, x4, x5 = x[:, :5].T
+  return 10 * np.sin(np.pi * x1 * x2) + 20 * (x3 - 0.5) ** 2 + 10 * x4 + 5 * x5
 
 
 def friedman1(n: int, seed: int, noise: float = 1.0, num_features: int = 10):

@@ -1,11 +1,9 @@
 """Data-parallel F3EO on 8 simulated CPU devices: the same numbers, step time, collectives.
 
-Layouts over a ``'data'`` mesh axis: ``jit`` (batch sharded, params replicated, GSPMD);
-``shard_map (vma)`` (``check_vma=True``: local loss / device count, summed gradients and
-``H·g``); ``shard_map (local)`` (``lax.pmean`` of g, ``axis_name='data'`` for ``H·g``). It
-trains an MLP on MNIST-1D from one init and batch order in each layout (parameter gaps to
-one device), then times each step and counts its collectives. The devices share the host's
-cores: times measure partitioning and collectives, not a speed-up.
+Layouts over a ``'data'`` mesh axis: ``jit`` (GSPMD); ``shard_map (vma)`` (local loss / device
+count; gradients and ``H·g`` come back summed); ``shard_map (local)`` (``lax.pmean`` of g,
+``axis_name='data'`` for ``H·g``). An MLP on MNIST-1D is trained in each from one init and
+batch order (parameter gaps to one device); each step is timed and its collectives counted.
 
 Usage::
 

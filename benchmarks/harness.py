@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -43,17 +42,14 @@ class RunConfig:
 Compiled = collections.namedtuple('Compiled', 'model train_step eval_step init compile_s')
 
 
-class StepCache:
+class StepCache(dict):
   """Compiled steps per (task sizes, optimizer, batch shape); runs record compile seconds."""
-
-  def __init__(self):
-    self.entries: dict[Any, Compiled] = {}
 
   def get(self, task, variant: config.Variant, data, batch) -> tuple[Compiled, float]:
     shape = (tuple(np.shape(batch[0])), str(np.asarray(batch[0]).dtype))
     key = (task.model_key(), variant.kind, variant.options, variant.schedule, shape)
-    if key in self.entries:
-      return self.entries[key], 0.0
+    if key in self:
+      return self[key], 0.0
     start = time.perf_counter()
     model = task.make_model(data)
     hp = steps.hyperparams(variant, 1.0, None, 1.0)
@@ -63,8 +59,8 @@ class StepCache:
     fn = functools.partial(steps.train_step, model=model, loss=task.loss, variant=variant)
     train, _ = steps.compile_step(fn, (jax.eval_shape(init, 0), *batch, hp), variant)
     evaluate = jax.jit(functools.partial(steps.eval_step, model=model, task=task))
-    self.entries[key] = Compiled(model, train, evaluate, init, time.perf_counter() - start)
-    return self.entries[key], self.entries[key].compile_s
+    self[key] = Compiled(model, train, evaluate, init, time.perf_counter() - start)
+    return self[key], self[key].compile_s
 
 
 def evaluate(eval_fn, state, x, y, batch_size: int = 1000) -> tuple[float, float]:
@@ -78,9 +74,7 @@ def evaluate(eval_fn, state, x, y, batch_size: int = 1000) -> tuple[float, float
 
 def _prepare(cfg: RunConfig, task, data, cache: StepCache):
   data = data_lib.take_train(data, cfg.train_subset)
-  batch_size = cfg.batch_size or task.batch_size
-  if hasattr(data, 'x_train'):
-    batch_size = min(batch_size, len(data.x_train))
+  batch_size = min(cfg.batch_size or task.batch_size, len(getattr(data, 'x_train', range(10**9))))
   batch_iter = task.batches(data, batch_size, cfg.seed)
   first = next(batch_iter)
   compiled, compile_s = cache.get(task, cfg.variant, data, first)

@@ -53,9 +53,7 @@ def machine_info(packages=PACKAGES) -> dict:
   if os.path.exists('/proc/cpuinfo'):
     with open('/proc/cpuinfo') as f:
       cpu = next((ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')), cpu)
-  argv = list(sys.argv)
-  if argv and argv[0].endswith('.py') and (HERE / os.path.basename(argv[0])).exists():
-    argv = ['-m', f'benchmarks.{Path(argv[0]).stem}', *argv[1:]]
+  argv = ['-m', f'benchmarks.{Path(sys.argv[0]).stem}', *sys.argv[1:]]  # run as a module
   versions = {'python': platform.python_version(), 'f3eo_jax': f3eo_jax.__version__}
   return {
     'command': 'python ' + shlex.join(argv),

@@ -1,12 +1,10 @@
 """Step time and peak memory of F3EO against AdamW, in JAX and in PyTorch, per model and dtype.
 
-Each row's step is compiled and warmed up, then all rows of a model are timed in interleaved
-rounds of 10 steps (``benchmarks.steps``); ``× AdamW``: median of per-round ratios to AdamW
-of the same framework. JAX memory: ``memory_analysis()`` of the step, state donated; PyTorch:
-peak allocated on CUDA (not measured on CPU). Rows: ``adamw``, ``f3eo``,
-``f3eo_hvp10`` (in-graph ``lax.cond``), ``f3eo_hvp10_python`` (``f3eo_jax.jit_amortized``),
-``f3eo_reference``, ``torch_adamw``, ``torch_f3eo`` (double backward). Then a short training
-comparison on MNIST-1D.
+Rows of a model are compiled, warmed up, then timed in interleaved rounds of 10 steps;
+``× AdamW``: median of per-round ratios to the same framework's AdamW. Memory: XLA's
+``memory_analysis()`` (state donated); PyTorch's peak on CUDA only. ``f3eo_hvp10``: the
+in-graph ``lax.cond``; ``f3eo_hvp10_python``: ``f3eo_jax.jit_amortized``; ``torch_f3eo``:
+double backward. Then a short training comparison on MNIST-1D.
 
 Usage::
 
@@ -33,9 +31,8 @@ import pandas as pd  # noqa: E402
 
 from benchmarks import config, harness, models, report, steps, tasks  # noqa: E402
 
-ROWS = tuple(
-  'adamw f3eo f3eo_hvp10 f3eo_hvp10_python f3eo_reference torch_adamw torch_f3eo'.split()
-)
+JAX_ROWS = ('adamw', 'f3eo', 'f3eo_hvp10', 'f3eo_hvp10_python', 'f3eo_reference')
+ROWS = (*JAX_ROWS, 'torch_adamw', 'torch_f3eo')
 FULL = dict(mlp=dict(hidden=(512, 512)), cnn={}, resnet18={}, gpt=dict(d_model=128, n_layer=2))
 TINY = dict(mlp=dict(hidden=(16,)), cnn=dict(channels=(4, 8), dense=16), gpt=dict(d_model=16))
 TINY.update(resnet18=dict(widths=(4, 8, 8, 16)))

@@ -1,14 +1,11 @@
 """The optimizer study: choose on selection tasks, judge on held-out evaluation tasks.
 
-``--phase selection`` (hours; its record is ``results/study_full.json``), on the four tasks
-of ``tasks.py``: (a) screening of the F3EO grid, ``f3eo_reference`` and the baselines (a
-fraction of the steps, lr tuned on a validation split); (b) pruning by mean rank; (c) the
-kept ones tuned again, several seeds, test metric; (d) the baselines at the wall-clock of
-the best F3EO. ``--phase evaluation``: only AdamW, ``f3eo``, ``f3eo`` with ``hvp_every=10``
-on the host schedule and ``f3eo_reference``, on ``evaluation_tasks.py`` (never used to
-choose), seeds 100-102, lr tuned per optimizer on validation; equal steps, and equal
-wall-clock (the time ``f3eo`` took). Finished runs are cached in
-``benchmarks/out/study_<preset>_cache``: the same command resumes.
+``--phase selection`` (hours; the record: ``results/study_full.json``), on ``tasks.py``'s
+four: (a) screening of the grid, ``f3eo_reference`` and baselines (lr tuned on validation);
+(b) pruning by mean rank; (c) the kept ones tuned, several seeds; (d) the baselines at the
+best F3EO's wall-clock. ``--phase evaluation``: AdamW, ``f3eo``, ``f3eo_hvp10_python``,
+``f3eo_reference`` on ``evaluation_tasks.py``, seeds 100-102, lr tuned on validation; equal
+steps and equal wall-clock (``f3eo``'s time). Runs are cached in ``out/``: reruns resume.
 
 Usage::
 

@@ -63,9 +63,8 @@ class Task:
 
   def better(self, a: float, b: float) -> bool:
     """Whether ``a`` is strictly better than ``b`` (a non-finite value never is)."""
-    if not np.isfinite(a):
-      return False
-    return not np.isfinite(b) or (a > b if self.higher_is_better else a < b)
+    better = a > b if self.higher_is_better else a < b
+    return bool(np.isfinite(a)) and (not np.isfinite(b) or better)
 
   def worst(self) -> float:
     return -np.inf if self.higher_is_better else np.inf
@@ -75,8 +74,7 @@ def array_batches(data: data_lib.Dataset, batch_size: int, seed: int):
   return data_lib.batches(data.x_train, data.y_train, batch_size, seed=seed)
 
 
-def xent(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+xent = optax.softmax_cross_entropy_with_integer_labels
 
 
 def correct(logits, labels):

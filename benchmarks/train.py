@@ -1,9 +1,8 @@
 """The main job: F3EO against AdamW on MNIST-1D, an MLP and a CNN.
 
-Default: ``f3eo``, the same with ``hvp_every=10`` on the host schedule
-(``f3eo_jax.jit_amortized``), ``f3eo_reference``, the uncapped theory rule and AdamW; 1000
-steps of batch 128, one seed, lr 3e-3 with cosine decay, weight decay 1e-4. Then each one
-re-run for as many steps as fit in the time ``f3eo`` took (equal wall-clock).
+``f3eo``, ``f3eo_hvp10_python`` (``jit_amortized``), ``f3eo_reference``, the uncapped theory
+rule and AdamW: 1000 steps of batch 128, lr 3e-3 cosine-decayed; then each re-run for the
+steps that fit in ``f3eo``'s time (equal wall-clock).
 
 Usage::
 

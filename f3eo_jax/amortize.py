@@ -71,8 +71,10 @@ def jit_amortized(
 
   The fast way to refresh the product on one update in ``k`` (``hvp_every=k``): no
   ``jax.lax.cond`` in the compiled step, so each update runs only what it needs. On
-  XLA:CPU this matters: convolutions inside a ``lax.cond`` branch run several times
-  slower than the same convolutions compiled on their own.
+  XLA:CPU this matters most: XLA:CPU moves convolutions into the layout of its fast
+  kernels only outside conditionals, so inside a ``lax.cond`` branch the convolutions of
+  a gradient or a Hessian-vector product run through a slow fallback (10 to 50 times
+  slower on small CNNs).
 
   ``step_fn`` is your training step. It takes a keyword argument ``refresh_hvp`` and
   passes it on to the F3EO transform's update,
@@ -84,7 +86,9 @@ def jit_amortized(
   Updates are counted on the host, from the step stored in the first
   :class:`~f3eo_jax.MetaGradientState` found in the arguments of the first call, so a
   restored checkpoint continues the schedule where it stopped. The results equal those of
-  ``hvp_every=k`` scheduled inside the step, bit for bit.
+  ``hvp_every=k`` scheduled inside the step, bit for bit where both compile the product
+  alike (on XLA:CPU, the fallback for convolutions inside a conditional sums in another
+  order, so a CNN's results then agree to float rounding).
 
   Args:
     step_fn: the training step; it must accept the keyword ``refresh_hvp: bool``.

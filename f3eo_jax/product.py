@@ -9,6 +9,7 @@ later updates reuse it.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -19,6 +20,15 @@ from f3eo_jax import hvp as hvp_lib
 from f3eo_jax import reductions
 from f3eo_jax._types import AxisName, HvpFn, ObjFn, PyTree, ScalarLike
 from f3eo_jax.layout import Layout
+
+IN_GRAPH_SCHEDULE_ON_CPU = (
+  'hvp_every > 1 scheduled inside the compiled step (jax.lax.cond) is slow on XLA:CPU:'
+  ' XLA:CPU moves convolutions into its fast layout only outside conditionals, so the'
+  " convolutions of a model's gradient and H·g run through a slow fallback on every"
+  ' refresh. f3eo_jax.jit_amortized(step_fn, hvp_every=k) compiles a refresh step and a'
+  ' reuse step instead (pass refresh_hvp= on to tx.update): no conditional, same schedule.'
+)
+"""The warning :func:`scheduled` gives, once, when it builds a ``lax.cond`` on CPU."""
 
 
 class Product(NamedTuple):
@@ -146,7 +156,7 @@ def scheduled(
 
   ``refresh_hvp=True`` computes it, ``False`` reuses the stored one, and ``None``
   chooses inside the compiled step with ``jax.lax.cond``: refresh on updates
-  ``0, k, 2k, …``.
+  ``0, k, 2k, …``. That last form warns once on CPU (:data:`IN_GRAPH_SCHEDULE_ON_CPU`).
   """
   if refresh_hvp is True:
     return refresh()
@@ -157,6 +167,8 @@ def scheduled(
   )
   if refresh_hvp is False:
     return stored
+  if jax.default_backend() == 'cpu':
+    warnings.warn(IN_GRAPH_SCHEDULE_ON_CPU, UserWarning, stacklevel=1)  # once: one location
   every = jnp.maximum(jnp.asarray(hvp_every).astype(jnp.int32), 1)
 
   def refreshed():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import _problems as problems
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,16 @@ def test_continues_the_schedule_of_a_restored_state():
 def test_rejects_bad_arguments(hvp_every, kwargs, error):
   with pytest.raises(error):
     f3eo_jax.jit_amortized(lambda *a, refresh_hvp: a, hvp_every, **kwargs)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the warning is for XLA:CPU only')
+def test_in_graph_schedule_warns_on_cpu_naming_jit_amortized_and_jit_amortized_does_not():
+  tx = f3eo_jax.f3eo(1e-2, hvp_every=K)
+  params, xs, ys = _problem()
+  opt_state = tx.init(params)
+
+  with pytest.warns(UserWarning, match=r'jit_amortized\(step_fn, hvp_every=k\)'):
+    jax.jit(_make_step(tx)).lower(params, opt_state, xs[0], ys[0])
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    f3eo_jax.jit_amortized(_make_step(tx), K)(params, opt_state, xs[0], ys[0])

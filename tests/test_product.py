@@ -33,7 +33,7 @@ K, NUM_STEPS = 3, 7
 # Computed: the dense check of H·g.
 
 
-def hessian_gradient_products(product_of, loss_fn, params, dense):
+def hessian_gradient_products(product_of, loss_fn, params):
   """An implementation's ``H·g`` and the dense reference, both raveled.
 
   ``product_of(loss_fn, params, g)`` returns the implementation's ``H·g``; the reference
@@ -101,7 +101,7 @@ BROKEN_PRODUCTS = {
 @pytest.mark.parametrize('name', LIBRARY_PRODUCTS)
 def test_library_products_pass_the_dense_hessian_check(x64, make_mlp, name):
   params, loss_fn = make_mlp('tanh')
-  product, expected = hessian_gradient_products(LIBRARY_PRODUCTS[name], loss_fn, params, dense)
+  product, expected = hessian_gradient_products(LIBRARY_PRODUCTS[name], loss_fn, params)
   assert_is_hessian_times_gradient(product, expected)
 
 
@@ -110,7 +110,7 @@ def test_cut_gradient_paths_fail_the_dense_hessian_check(x64, make_mlp, name):
   params, loss_fn = make_mlp('tanh')
   _, other_batch_loss = make_mlp('tanh', data_seed=2)
   broken = BROKEN_PRODUCTS[name](other_batch_loss)
-  product, expected = hessian_gradient_products(broken, loss_fn, params, dense)
+  product, expected = hessian_gradient_products(broken, loss_fn, params)
   with pytest.raises(AssertionError, match='cut gradient path'):
     assert_is_hessian_times_gradient(product, expected)
   if 'stop_gradient' in name:  # the detach() bug of the seed diary: silently zero

@@ -36,8 +36,8 @@ WRAPPERS = {
   'inject_hyperparams': lambda: optax.inject_hyperparams(f3eo_jax.f3eo)(problems.LEARNING_RATE),
   'apply_if_finite': lambda: optax.apply_if_finite(f3eo_jax.f3eo(problems.LEARNING_RATE), 3),
   'multi_steps': lambda: optax.MultiSteps(f3eo_jax.f3eo(problems.LEARNING_RATE), 2),
-  'chain_after_clip': lambda: optax.chain(
-    optax.clip_by_global_norm(1.0), f3eo_jax.f3eo(problems.LEARNING_RATE)
+  'in_a_chain': lambda: optax.chain(
+    optax.scale(1.0), f3eo_jax.add_meta_gradient(), optax.adam(problems.LEARNING_RATE)
   ),
 }
 

@@ -91,7 +91,9 @@ def train_and_evaluate(cfg: RunConfig, task, data, *, cache: StepCache | None = 
   compiling or evaluating), per-step values, F3EO's counters, the final metric (the task's
   worst if a non-finite loss stopped the run: ``diverged``), timings.
   """
-  data, batch_iter, batch, compiled, compile_s, hp = _prepare(cfg, task, data, cache or StepCache())
+  data, batch_iter, batch, compiled, compile_s, hp = _prepare(
+    cfg, task, data, StepCache() if cache is None else cache
+  )
   state = compiled.init(cfg.seed)
   eval_every = cfg.eval_every or max(1, cfg.num_steps // 10)
   history: dict = {k: [] for k in ('eval_steps', 'metric', 'eval_loss', 'train_loss', 'wall_time')}
@@ -173,7 +175,7 @@ def compare(configs: dict, task, data, *, seeds=(0,), tune=False, run_fn=None, c
 
 def time_steps(configs: dict[str, RunConfig], task, data, *, cache=None, rounds=5, block=10):
   """Seconds per step (median of interleaved rounds) and paired ratio to the first config."""
-  cache = cache or StepCache()
+  cache = StepCache() if cache is None else cache
   blocks = {}
   for name, cfg in configs.items():
     _, _, batch, compiled, _, hp = _prepare(cfg, task, data, cache)

@@ -75,7 +75,13 @@ def main(argv=None, *, cache=None) -> str:
   args = parse_args(argv)
   start, info, folder = time.perf_counter(), report.machine_info(), report.out_dir(args)
   task_map = tasks.build(args.tasks, args, args.sizes)
-  cache, runs, sweeps, walls, same = cache or harness.StepCache(), [], {}, {}, {}
+  cache, runs, sweeps, walls, same = (
+    cache if cache is not None else harness.StepCache(),
+    [],
+    {},
+    {},
+    {},
+  )
   for task in task_map.values():
     results, walls[task.name] = run_task(task, args, cache)
     sweeps[task.name] = {name: res['sweep'] for name, res in results.items()}

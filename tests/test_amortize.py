@@ -1,10 +1,16 @@
-"""jit_amortized: two compiled steps that equal hvp_every=k scheduled inside one step."""
+"""hvp_every=k scheduled at Python level: refresh_hvp=True/False, and jit_amortized.
+
+Both equal the schedule inside one compiled step (``lax.cond``); their steps contain no
+conditional, and the reuse step no product.
+"""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import _problems as problems
+import _references as dense
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,3 +131,103 @@ def test_in_graph_schedule_warns_on_cpu_naming_jit_amortized_and_jit_amortized_d
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     f3eo_jax.jit_amortized(_make_step(tx), K)(params, opt_state, xs[0], ys[0])
+
+
+# refresh_hvp by hand, as jit_amortized passes it: the same updates as the in-graph
+# schedule, and on refresh updates the same as an F3EO that computes the product every
+# update; the steps contain no conditional at all.
+
+
+@functools.partial(jax.jit, static_argnames=('tx', 'refresh'))
+def _update_step(params, opt_state, x, y, tx, refresh=None):
+  obj_fn = lambda p: problems.sequence_loss(p, x, y)
+  grads = jax.grad(obj_fn)(params)
+  if refresh is False:  # the reuse step needs no obj_fn
+    updates, opt_state = tx.update(grads, opt_state, params, refresh_hvp=False)
+  else:
+    updates, opt_state = tx.update(grads, opt_state, params, obj_fn=obj_fn, refresh_hvp=refresh)
+  return optax.apply_updates(params, updates), opt_state, updates
+
+
+def _run_schedule(tx, schedule):
+  """Params and updates of every step; ``schedule(t)`` is the refresh_hvp of step t."""
+  params, xs, ys = _problem()
+  opt_state, out = tx.init(params), []
+  for t in range(NUM_STEPS):
+    params, opt_state, updates = _update_step(params, opt_state, xs[t], ys[t], tx, schedule(t))
+    out.append((params, updates))
+  return out, opt_state
+
+
+@pytest.mark.parametrize('meta_max_ratio', [None, 0.1])
+def test_python_level_refresh_gives_the_same_steps_as_the_in_graph_schedule(meta_max_ratio):
+  tx = f3eo_jax.f3eo(1e-2, hvp_every=K, meta_max_ratio=meta_max_ratio)
+
+  in_graph, state_a = _run_schedule(tx, lambda t: None)
+  python_level, state_b = _run_schedule(tx, lambda t: t % K == 0)
+
+  for (p_a, u_a), (p_b, u_b) in zip(in_graph, python_level):
+    np.testing.assert_allclose(dense.ravel(u_a), dense.ravel(u_b), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(dense.ravel(p_a), dense.ravel(p_b), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+    dense.ravel(state_a[0].hvp), dense.ravel(state_b[0].hvp), rtol=1e-6, atol=1e-9
+  )
+
+
+def test_refresh_updates_equal_an_f3eo_that_computes_the_product_every_update():
+  # The meta-gradient transform alone (Adam's moments would differ after the first reuse):
+  # on refresh updates e equals that of hvp_every=1 at the same params; on reuse updates it
+  # does not (stale product), so the check can fail.
+  params, xs, ys = _problem()
+  every = f3eo_jax.add_meta_gradient(hvp_every=K, meta_max_ratio=0.1)
+  always = f3eo_jax.add_meta_gradient(meta_max_ratio=0.1)
+  state_every, state_always = every.init(params), always.init(params)
+  for t in range(NUM_STEPS):
+    _, state_every, e_every = _update_step(params, state_every, xs[t], ys[t], every, t % K == 0)
+    _, state_always, e_always = _update_step(params, state_always, xs[t], ys[t], always)
+    if t % K == 0:
+      np.testing.assert_allclose(dense.ravel(e_every), dense.ravel(e_always), rtol=1e-6, atol=1e-9)
+    else:
+      assert not np.allclose(dense.ravel(e_every), dense.ravel(e_always), rtol=1e-4)
+    params = jax.tree.map(lambda p, e: p - 0.5 * e, params, e_every)
+
+
+def test_python_level_steps_compile_without_a_conditional_or_the_product():
+  params, xs, ys = _problem()
+  tx = f3eo_jax.f3eo(1e-2, hvp_every=K)
+  opt_state = tx.init(params)
+  hlo = {
+    refresh: _update_step.lower(params, opt_state, xs[0], ys[0], tx, refresh).compile().as_text()
+    for refresh in (None, True, False)
+  }
+  flops = {
+    refresh: _update_step.lower(params, opt_state, xs[0], ys[0], tx, refresh)
+    .compile()
+    .cost_analysis()
+    for refresh in (True, False)
+  }
+  flops = {k: (v[0] if isinstance(v, list) else v)['flops'] for k, v in flops.items()}
+
+  assert 'conditional(' in hlo[None]  # the in-graph schedule
+  assert 'conditional(' not in hlo[True] and 'conditional(' not in hlo[False]
+  assert flops[False] < 0.6 * flops[True]  # the reuse step has no jvp
+
+
+def test_python_level_reuse_step_under_vmap_computes_no_product():
+  # Under vmap a lax.cond on the (batched) step counter becomes a select that computes
+  # the product every step; the Python-level reuse step has nothing to compute.
+  params, xs, ys = _problem()
+  tx = f3eo_jax.f3eo(1e-2, hvp_every=K)
+  batched = lambda refresh: jax.vmap(
+    lambda p, s, x, y: _update_step(p, s, x, y, tx, refresh), in_axes=(None, None, 0, 0)
+  )
+  opt_state = tx.init(params)
+  xs2, ys2 = xs[:2], ys[:2]
+  cost = {
+    r: jax.jit(batched(r)).lower(params, opt_state, xs2, ys2).compile().cost_analysis()
+    for r in (True, False, None)
+  }
+  cost = {k: (v[0] if isinstance(v, list) else v)['flops'] for k, v in cost.items()}
+
+  assert cost[False] < 0.6 * cost[True]
+  assert cost[None] >= 0.9 * cost[True]  # the select evaluates the product anyway

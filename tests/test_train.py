@@ -116,6 +116,19 @@ def test_batch_stats_update_in_training_and_evaluation_uses_them(cache):
   np.testing.assert_allclose(out['loss_sum'], expected, rtol=1e-5)
 
 
+def test_each_step_draws_a_new_dropout_mask(cache):
+  task = _task('mnist1d_cnn')  # dropout 0.1
+  data = task.load()
+  batch = (data.x_train[:128], data.y_train[:128])
+  compiled, _ = cache.get(task, config.get('adamw'), data, batch)
+  hp = steps.hyperparams(config.get('adamw'), 0.0, 0.0, 10)  # lr 0: the params stay put
+  state, first = compiled.train_step(compiled.init(0), *batch, hp)
+  kernel = np.asarray(state.params['Dense_0']['kernel'])  # the step donates its state
+  again, second = compiled.train_step(state, *batch, hp)
+  np.testing.assert_array_equal(again.params['Dense_0']['kernel'], kernel)
+  assert first['loss'] != second['loss']  # same params and batch: only the mask differs
+
+
 def test_cosine_schedule_is_optax_cosine_decay():
   ours = steps.cosine_schedule(jnp.float32(0.3), jnp.float32(50))
   for count in (0, 1, 17, 49, 50, 80):

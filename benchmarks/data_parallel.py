@@ -111,8 +111,8 @@ def timing(model, mesh, init, dataset, hp, args, num_params) -> list[dict]:
   rows = []
   for (layout, name), t in times.items():
     row = {'layout': layout, 'optimizer': name, 'ms/step': 1e3 * float(np.median(t))}
-    row['× 1 device'] = steps.paired_ratio(t, times.get(('1 device', name), t))
-    row['× AdamW'] = steps.paired_ratio(t, times.get((layout, 'adamw'), t))
+    for col, base in (('× 1 device', ('1 device', name)), ('× AdamW', (layout, 'adamw'))):
+      row[col] = steps.paired_ratio(t, times[base]) if base in times else None
     for op, c in found[(layout, name)].items():
       row[f'{op}: ops'], row[f'{op}: elements / params'] = c['count'], c['elements'] / num_params
     rows.append(row)

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import f3eo_jax
-from benchmarks import config, harness, steps, tasks, train
+from benchmarks import config, harness, report, steps, tasks, train
 
 
 @pytest.fixture(scope='module')
@@ -182,3 +182,9 @@ def test_main_job_smoke_run_writes_tables_and_results(tmp_path, cache):
     assert set(wall) == {'f3eo', 'f3eo_hvp10_python', 'adamw'} and wall['f3eo']['ratio'] == 1.0
   for suffix in ('.md', '_eval_steps.png', '_wall_time.png', '_grad_sq_norm.png', '_cos_g_hg.png'):
     assert (tmp_path / f'train_smoke{suffix}').stat().st_size > 0
+
+
+def test_report_cells_give_mean_and_population_std_and_name_divergence():
+  assert report.fmt([0.9, 0.8], 'accuracy') == '85.0 ± 5%'
+  assert report.fmt([2.0, 4.0], 'value') == '3 ± 1' and report.fmt([0.25], 'value') == '0.25'
+  assert report.fmt([1.0, np.inf], 'value') == 'diverged (1/2)'

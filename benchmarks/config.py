@@ -62,13 +62,10 @@ class Variant:
     """A derived variant named ``'<name>+key=value[+python]'``."""
     suffix = ','.join(f'{k}={v}' for k, v in sorted(options.items()))
     suffix += '+python' if schedule == 'python' else ''
-    return dataclasses.replace(
-      self,
-      name=f'{self.name}+{suffix}',
-      label=f'{self.label}, {suffix.replace("+", ", ")}',
-      options=tuple(sorted({**dict(self.options), **options}.items())),
-      schedule=schedule,
-    )
+    merged = tuple(sorted({**dict(self.options), **options}.items()))
+    label = f'{self.label}, {suffix.replace("+", ", ")}'
+    name = f'{self.name}+{suffix}'
+    return dataclasses.replace(self, name=name, label=label, options=merged, schedule=schedule)
 
   def candidates(self, lr_scale: float = 1.0) -> list[tuple[float, float | None]]:
     """The sweep's (learning rate, weight decay or None) pairs."""

@@ -1,8 +1,10 @@
-"""Every dataset of the selection tasks, as numpy arrays, nothing downloaded.
+"""Every dataset of the benchmarks, as numpy arrays, nothing downloaded.
 
 MNIST-1D (the ``mnist1d`` package's defaults: 4000 / 1000 signals of 40 samples, cached);
 Friedman #1 (``10 sin(π x1 x2) + 20 (x3 − 0.5)² + 10 x4 + 5 x5 + N(0, 1)``); the characters
-of 40 Python standard-library modules, split 90/10.
+of 40 Python standard-library modules, split 90/10; TFDS image datasets with ``image`` and
+``label`` features (``TFDS_DATASETS``), read with ``tfds.data_source`` from a ``data_dir``
+prepared beforehand in the ``array_record`` format (no TensorFlow needed to read it).
 
 Example:
   >>> from benchmarks import data
@@ -21,6 +23,7 @@ import sysconfig
 import numpy as np
 
 MNIST1D = 'mnist1d'
+TFDS_DATASETS = ('mnist', 'fashion_mnist', 'cifar10')
 CACHE_DIR = os.path.join(os.environ.get('XDG_CACHE_HOME', '~/.cache'), 'f3eo_jax')
 STDLIB_FILES = tuple(
   sorted(
@@ -80,6 +83,56 @@ def load_mnist1d(seed: int = 42, cache_dir: str | None = CACHE_DIR) -> Dataset:
       np.savez(tmp, **arrays)
       os.replace(tmp, path)
   return Dataset(name=MNIST1D, num_classes=10, **arrays)
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A TFDS dataset is not prepared in ``data_dir``; the message says how to prepare it."""
+
+
+def _how_to_prepare(name: str, data_dir: str) -> str:
+  return (
+    f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}, and nothing is downloaded'
+    ' at run time. Prepare it once where there is network (TensorFlow is needed only then):\n'
+    '  pip install tensorflow tensorflow-datasets\n'
+    f'  tfds build {name} --data_dir {data_dir} --file_format array_record\n'
+    f"or in Python: tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record')"
+    '.download_and_prepare()'
+  )
+
+
+def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+  """Every example of a TFDS data source; uint8 images scaled to float32 in [0, 1]."""
+  examples = [source[i] for i in range(len(source))]
+  x = np.stack([np.asarray(e['image']) for e in examples])
+  x = x.astype(np.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+  return x, np.asarray([e['label'] for e in examples], dtype=np.int32)
+
+
+def load_tfds(name: str, data_dir: str | None = None) -> Dataset:
+  """Train and test splits of a prepared TFDS dataset (``data_dir``: ``$TFDS_DATA_DIR``).
+
+  Raises:
+    DatasetNotPreparedError: if ``data_dir`` does not hold the prepared dataset.
+  """
+  import tensorflow_datasets as tfds
+
+  default = os.environ.get('TFDS_DATA_DIR', os.path.expanduser('~/tensorflow_datasets'))
+  data_dir = data_dir or default
+  if not os.path.isdir(data_dir):
+    raise DatasetNotPreparedError(_how_to_prepare(name, data_dir))
+  try:
+    kw = dict(data_dir=data_dir, download=False, try_gcs=False)
+    sources = tfds.data_source(name, split=['train', 'test'], **kw)
+    num_classes = tfds.builder(name, data_dir=data_dir).info.features['label'].num_classes
+  except (FileNotFoundError, NotImplementedError, AssertionError, ValueError) as e:
+    raise DatasetNotPreparedError(_how_to_prepare(name, data_dir)) from e  # unprepared
+  (x_train, y_train), (x_test, y_test) = map(_read_split, sources)
+  return Dataset(name, x_train, y_train, x_test, y_test, int(num_classes))
+
+
+def load_dataset(name: str = MNIST1D, *, data_dir: str | None = None) -> Dataset:
+  """MNIST-1D generated locally, or the TFDS dataset ``name`` prepared in ``data_dir``."""
+  return load_mnist1d() if name == MNIST1D else load_tfds(name, data_dir)
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, *, num_epochs=None):

@@ -49,9 +49,8 @@ def build(layout, name, model, mesh, state, batch, hp):
     variant = variant.with_options(axis_name=AXIS)
   scale = NUM_DEVICES if layout == 'shard_map (vma)' else 1
   loss = lambda out, y: tasks.xent(out, y) / scale
-  step = functools.partial(
-    steps.train_step, model=model, loss=loss, variant=variant, axis=AXIS if local else None
-  )
+  axis = AXIS if local else None
+  step = functools.partial(steps.train_step, model=model, loss=loss, variant=variant, axis=axis)
 
   def fn(state, x, y, hp):
     state, metrics = step(state, x, y, hp)

@@ -69,10 +69,8 @@ def machine_info(packages=PACKAGES) -> dict:
 
 def header(title: str, info: dict) -> list[str]:
   """The title, then what :func:`machine_info` and the run recorded, as a table."""
-  flat = {
-    k: ', '.join(f'{a} {b}' for a, b in v.items()) if isinstance(v, dict) else v
-    for k, v in info.items()
-  }
+  join = lambda v: ', '.join(f'{a} {b}' for a, b in v.items()) if isinstance(v, dict) else v
+  flat = {k: join(v) for k, v in info.items()}
   return [f'# {title}', '', pd.Series(flat, name='').to_markdown(), '']
 
 

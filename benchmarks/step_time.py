@@ -76,9 +76,8 @@ def jax_row(name, row, x, y, sizes, dtype):
   params = jax.tree.map(cast, variables.pop('params'))
   model_state = dict(variables)  # batch statistics stay float32, as Flax keeps them
   opt_state = steps.make_tx(variant, hp).init(params)
-  state = steps.TrainState(
-    jnp.zeros((), jnp.int32), params, model_state, opt_state, jax.random.key(1)
-  )
+  step0 = jnp.zeros((), jnp.int32)
+  state = steps.TrainState(step0, params, model_state, opt_state, jax.random.key(1))
   fn = functools.partial(steps.train_step, model=model, loss=tasks.xent, variant=variant)
   step, info = steps.compile_step(fn, (state, x, y, hp), variant)
   holder = [step(state, x, y, hp)[0]]  # warm-up
@@ -182,11 +181,9 @@ def main(argv=None) -> pd.DataFrame:
     if not args.models or name in args.models:
       rows += bench(name, dtype, size, row_names, preset, deadline)
   table = pd.DataFrame(rows)
-  train = (
-    training(preset, harness.StepCache())
-    if preset.get('train') and time.perf_counter() < deadline + 60
-    else pd.DataFrame()
-  )
+  train = pd.DataFrame()
+  if preset.get('train') and time.perf_counter() < deadline + 60:
+    train = training(preset, harness.StepCache())
   info.update(wall_time_s=round(time.perf_counter() - start))
   md = report.header(f'Step time and memory: preset `{args.preset}`', info)
   md += report.section('Step time and memory', table, '.3g')

@@ -116,12 +116,9 @@ def wall_clock(tasks_map, datas, tuned, names, reference, runner, seeds) -> dict
   for task in tasks_map.values():
     configs = {n: tuned[task.name][n] for n in names}
     key = f'timing|{task.name}|{sorted(task.meta.items())}|{sorted(configs)}|{list(seeds)}'
-    measure = functools.partial(
-      harness.equal_wall_clock, configs, reference, task, datas[task.name]
-    )
-    out[task.name] = runner.memo(
-      key, lambda m=measure: m(seeds=seeds, run_fn=runner.run, cache=runner.cache)
-    )
+    kw = dict(seeds=seeds, run_fn=runner.run, cache=runner.cache)
+    measure = functools.partial(harness.equal_wall_clock, configs, reference, task, **kw)
+    out[task.name] = runner.memo(key, lambda m=measure, d=datas[task.name]: m(d))
   return out
 
 
@@ -171,9 +168,8 @@ def evaluation(tasks_map, datas, preset, runner) -> tuple[list[str], dict]:
   seeds = preset['evaluation_seeds']
   full, tuned = protocol(tasks_map, datas, variants, preset, runner, seeds)
   wall = wall_clock(tasks_map, datas, tuned, EVALUATED, 'f3eo', runner, seeds)
-  md = report.section(
-    f'Evaluation: equal steps (seeds {list(seeds)})', steps_table(full, tasks_map)
-  )
+  table = steps_table(full, tasks_map)
+  md = report.section(f'Evaluation: equal steps (seeds {list(seeds)})', table)
   wall_df = report.wall_clock_frame(metrics(full), wall, tasks_map)
   md += report.section('Evaluation: equal wall-clock (the time `f3eo` took)', wall_df, '.3g')
   return md, dict(evaluation=full, evaluation_wall_clock=wall)

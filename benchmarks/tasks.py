@@ -87,18 +87,27 @@ LOWER = dict(metric_kind='value', higher_is_better=False)
 
 
 def classification(
-  model='mlp', *, hidden=(512, 512), channels=(32, 64), dense=128, dropout_rate=0.1, **sizes
+  model='mlp',
+  *,
+  dataset=data_lib.MNIST1D,
+  data_dir=None,
+  hidden=(512, 512),
+  channels=(32, 64),
+  dense=128,
+  dropout_rate=0.1,
+  **sizes,
 ) -> Task:
-  """MNIST-1D with the MLP or the CNN (``sizes``: ``num_steps``, ``batch_size``)."""
+  """MNIST-1D (or a TFDS dataset prepared in ``data_dir``) with the MLP or the CNN."""
   if model == 'mlp':
     make = lambda d: models.MLP(hidden=hidden, num_classes=d.num_classes)
   else:
     make = lambda d: models.CNN(d.num_classes, channels, dense, dropout_rate)
   sizes = {'num_steps': 1000, 'batch_size': 128, **sizes, 'batches': array_batches}
-  name, label = f'mnist1d_{model}', f'MNIST-1D {model.upper()}'
-  return Task(
-    name, label, data_lib.load_mnist1d, make, **ACCURACY, **sizes, references=MNIST1D_PUBLISHED
-  )
+  mnist1d = dataset == data_lib.MNIST1D
+  label = f'{"MNIST-1D" if mnist1d else dataset.upper()} {model.upper()}'
+  load = functools.partial(data_lib.load_dataset, dataset, data_dir=data_dir)
+  refs = MNIST1D_PUBLISHED if mnist1d else {}
+  return Task(f'{dataset}_{model}', label, load, make, **ACCURACY, **sizes, references=refs)
 
 
 def regression(*, hidden=(64, 64), n_train=2000, n_test=1000, seed=0, **sizes) -> Task:
@@ -153,9 +162,16 @@ def get(name: str, builders: Mapping[str, Callable[..., Task]] = TASKS, **kwargs
 def add_arguments(parser) -> None:
   parser.add_argument('--tasks', nargs='+', metavar='TASK', help=f'among {sorted(TASKS)}')
   parser.add_argument('--steps', type=int, help="every task's step count")
+  tfds_names = ', '.join(data_lib.TFDS_DATASETS)
+  parser.add_argument('--dataset', default=data_lib.MNIST1D, help=f'mnist1d, or {tfds_names}')
+  parser.add_argument('--data-dir', help='where the TFDS --dataset is prepared (array_record)')
 
 
 def build(names, args, sizes=None, builders=TASKS) -> dict[str, Task]:
-  """``{name: task}`` for ``names``, sized by ``sizes[name]``, ``args.steps`` steps if set."""
+  """``{task.name: task}``, sized by ``sizes[name]``, ``args``' steps, dataset and data_dir."""
   steps = {} if getattr(args, 'steps', None) is None else {'num_steps': args.steps}
-  return {n: get(n, builders, **{**(sizes or {}).get(n, {}), **steps}) for n in names}
+  dataset = getattr(args, 'dataset', data_lib.MNIST1D)
+  source = {} if dataset == data_lib.MNIST1D else dict(dataset=dataset, data_dir=args.data_dir)
+  extra = lambda n: source if getattr(builders.get(n), 'func', None) is classification else {}
+  built = [get(n, builders, **{**(sizes or {}).get(n, {}), **steps, **extra(n)}) for n in names]
+  return {t.name: t for t in built}

@@ -40,11 +40,8 @@ class CNN(nn.Module):
       shape.append(1)
     spatial, in_ch = shape[:-1], shape[-1]
     one_d = len(spatial) == 1
-    conv, norm, pool = (
-      (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
-      if one_d
-      else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
-    )
+    layers = ((nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d), (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d))
+    conv, norm, pool = layers[one_d]
     kernel = 5 if len(spatial) == 1 else 3
     stages = []
     for width in channels:
@@ -89,9 +86,7 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
   """CIFAR ResNet-18: 3×3 stride-1 stem, no max-pool, [2, 2, 2, 2] basic blocks."""
 
-  def __init__(
-    self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512), in_channels: int = 3
-  ):
+  def __init__(self, num_classes=10, widths: Sequence[int] = (64, 128, 256, 512), in_channels=3):
     super().__init__()
     self.stem = nn.Sequential(
       nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
@@ -138,9 +133,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """Small causal transformer LM with learned positional embeddings; returns logits."""
 
-  def __init__(
-    self, vocab_size: int, seq_len: int, d_model: int = 128, n_layer: int = 2, n_head: int = 4
-  ):
+  def __init__(self, vocab_size: int, seq_len: int, d_model=128, n_layer=2, n_head=4):
     super().__init__()
     self.tok = nn.Embedding(vocab_size, d_model)
     self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)

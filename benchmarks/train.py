@@ -9,6 +9,7 @@ Usage::
   python -m benchmarks.train                 # the main job (about 2 minutes on 2 CPU cores)
   python -m benchmarks.train --preset full   # + AdamW-wd and SGD; sweeps; 3 seeds
   python -m benchmarks.train --tasks mnist1d_cnn --optimizers f3eo adamw sgd --steps 500
+  python -m benchmarks.train --dataset mnist --data-dir ~/tensorflow_datasets  # prepared TFDS
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import pandas as pd
 
-from benchmarks import config, harness, report, tasks
+from benchmarks import config, data, harness, report, tasks
 
 MAIN = ('f3eo', 'f3eo_hvp10_python', 'f3eo_reference', 'f3eo_theory_uncapped_global', 'adamw')
 MNIST1D = ('mnist1d_mlp', 'mnist1d_cnn')
@@ -29,9 +30,8 @@ PRESETS = {
   'full': dict(tasks=MNIST1D, optimizers=(*MAIN, 'adamw_wd', 'sgd'), seeds=3, sweep=True),
   'smoke': dict(tasks=MNIST1D, optimizers=('f3eo', 'f3eo_hvp10_python', 'adamw'), seeds=1),
 }
-PRESETS['smoke'].update(
-  sweep=False, steps=20, eval_every=10, train_subset=256, sizes=tasks.SMOKE_SIZES
-)
+PRESETS['smoke'].update(sweep=False, steps=20, eval_every=10, train_subset=256)
+PRESETS['smoke']['sizes'] = tasks.SMOKE_SIZES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,13 +75,8 @@ def main(argv=None, *, cache=None) -> str:
   args = parse_args(argv)
   start, info, folder = time.perf_counter(), report.machine_info(), report.out_dir(args)
   task_map = tasks.build(args.tasks, args, args.sizes)
-  cache, runs, sweeps, walls, same = (
-    cache if cache is not None else harness.StepCache(),
-    [],
-    {},
-    {},
-    {},
-  )
+  cache = cache if cache is not None else harness.StepCache()
+  runs, sweeps, walls, same = [], {}, {}, {}
   for task in task_map.values():
     results, walls[task.name] = run_task(task, args, cache)
     sweeps[task.name] = {name: res['sweep'] for name, res in results.items()}
@@ -114,4 +109,7 @@ def main(argv=None, *, cache=None) -> str:
 
 
 if __name__ == '__main__':
-  main()
+  try:
+    main()
+  except data.DatasetNotPreparedError as e:
+    raise SystemExit(f'error: {e}') from None

@@ -1,4 +1,5 @@
-"""The benchmark data loader: MNIST-1D generated offline and cached, batches by seed."""
+"""The benchmark data loader: MNIST-1D generated offline and cached, batches by seed, TFDS read
+without downloads."""
 
 import os
 import socket
@@ -6,7 +7,11 @@ import socket
 import numpy as np
 import pytest
 
-from benchmarks import data
+from benchmarks import data, tasks, train
+
+tfds = pytest.importorskip(
+  'tensorflow_datasets', reason='the TFDS path needs tensorflow-datasets (the `examples` extra)'
+)
 
 
 def _no_network(*args, **kwargs):
@@ -93,3 +98,90 @@ def test_batches_shuffle_by_seed_and_cover_each_example_once_per_epoch():
   assert len(two_epochs) == 6 and not np.array_equal(two_epochs[0][1], two_epochs[3][1])
   with pytest.raises(ValueError, match='batch_size'):
     next(data.batches(x, y, 101, seed=0))
+
+
+@pytest.mark.parametrize(
+  'name, shape', [('mnist', (28, 28, 1)), ('fashion_mnist', (28, 28, 1)), ('cifar10', (32, 32, 3))]
+)
+def test_tfds_path_reads_mocked_data_source(name, shape, tmp_path, offline):
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = data.load_dataset(name, data_dir=str(tmp_path))
+  assert ds.x_train.shape == (12, *shape) and ds.x_test.shape == (12, *shape)
+  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+  assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+  assert ds.num_classes == 10
+  assert np.all((0 <= ds.y_train) & (ds.y_train < 10))
+
+
+def test_absent_data_dir_raises_a_clear_error_without_downloading(tmp_path, offline):
+  missing = tmp_path / 'no_such_dir'
+  with pytest.raises(data.DatasetNotPreparedError, match=r'tfds build mnist[\s\S]*array_record'):
+    data.load_dataset('mnist', data_dir=str(missing))
+  assert not missing.exists()
+
+
+def test_unprepared_data_dir_raises_a_clear_error_without_downloading(tmp_path, offline):
+  with pytest.raises(
+    data.DatasetNotPreparedError, match=r'nothing is downloaded[\s\S]*download_and_prepare'
+  ):
+    data.load_dataset('cifar10', data_dir=str(tmp_path))
+  downloaded = [p for p in tmp_path.rglob('*') if p.is_file()]
+  assert downloaded == []
+
+
+class TinyDigits(tfds.core.GeneratorBasedBuilder):
+  """A local TFDS builder whose image ``i`` is filled with the value ``i``, label ``i % 10``.
+
+  Tensor features (not ``tfds.features.Image``, whose PNG encoding needs TensorFlow)
+  let it be written in the array_record format without TensorFlow.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  SIZES = {'train': 30, 'test': 10}
+
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(shape=(4, 4, 1), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(num_classes=10),
+        }
+      ),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    offsets = {'train': 0, 'test': 100}
+    return {s: self._generate_examples(offsets[s], n) for s, n in self.SIZES.items()}
+
+  def _generate_examples(self, offset, n):
+    for i in range(offset, offset + n):
+      yield i, {'image': np.full((4, 4, 1), i, np.uint8), 'label': i % 10}
+
+
+def test_a_locally_built_array_record_dataset_loads_through_data_source(tmp_path, offline):
+  TinyDigits(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  ds = data.load_dataset('tiny_digits', data_dir=str(tmp_path))
+  assert ds.x_train.shape == (30, 4, 4, 1) and ds.x_test.shape == (10, 4, 4, 1)
+  assert ds.num_classes == 10
+  for x, y, values in (
+    (ds.x_train, ds.y_train, range(30)),
+    (ds.x_test, ds.y_test, range(100, 110)),
+  ):
+    index = np.rint(x[:, 0, 0, 0] * 255).astype(int)  # scaled to [0, 1] from uint8
+    assert sorted(index) == list(values)
+    np.testing.assert_array_equal(y, index % 10)
+    np.testing.assert_allclose(
+      x, np.broadcast_to(index[:, None, None, None] / 255.0, x.shape), atol=1e-7
+    )
+
+
+def test_train_options_give_the_classification_tasks_a_tfds_dataset(tmp_path, offline):
+  args = train.parse_args(['--dataset', 'mnist', '--data-dir', str(tmp_path), '--steps', '3'])
+  task_map = tasks.build(['mnist1d_mlp', 'regression'], args)
+  assert sorted(task_map) == ['mnist_mlp', 'regression']
+  with tfds.testing.mock_data(num_examples=8, policy=tfds.testing.MockPolicy.USE_CODE):
+    assert task_map['mnist_mlp'].load().x_train.shape == (8, 28, 28, 1)
+  with pytest.raises(data.DatasetNotPreparedError, match='tfds build mnist'):
+    task_map['mnist_mlp'].load()

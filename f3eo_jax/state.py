@@ -75,11 +75,15 @@ def accumulate(
     ``update``'s values in float32, the counters incremented by its flags, and the last
     measured ``grad_mismatch``.
   """
-  values = {name: jnp.asarray(v, jnp.float32) for name, v in update._asdict().items()}
+  values = {
+    name: jnp.asarray(v, jnp.float32)
+    for name, v in update._asdict().items()
+    if not name.endswith('_count') and name != 'grad_mismatch'
+  }
   measured = ~jnp.isnan(update.grad_mismatch)
   count = lambda c, flag: c + flag.astype(jnp.int32)
   return MetaGradientDiagnostics(
-    **{k: v for k, v in values.items() if not k.endswith('_count') and k != 'grad_mismatch'},
+    **values,
     grad_mismatch=jnp.where(measured, update.grad_mismatch, previous.grad_mismatch),
     cap_count=count(previous.cap_count, update.cap_count),
     nonfinite_count=count(previous.nonfinite_count, update.nonfinite_count),
